@@ -1,0 +1,161 @@
+"""What every attack shares: its result type, the registry, and input checking."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from ..precode import BOTTLENECK_TYPES
+
+Gradients = Sequence[Tensor] | Mapping[str, Tensor]
+
+
+@dataclass
+class AttackResult:
+    """What an attack reconstructed from one client update.
+
+    Attributes:
+        attack: registry name of the attack.
+        images: (B, C, H, W) reconstructions in the model's input normalisation, on the CPU.
+        labels: (B,) labels the attack used (given) or recovered; None if it has none.
+        loss: final attack objective (e.g. gradient distance); NaN where it has none.
+        seconds: wall time of the attack.
+        recovered: how many of the B images the attack claims to have recovered exactly
+            (analytic attacks on batches); None when the attack makes no such claim.
+        info: attack-specific extras (JSON-serialisable scalars and lists only).
+    """
+
+    attack: str
+    images: Tensor
+    labels: Tensor | None
+    loss: float
+    seconds: float
+    recovered: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Attack(Protocol):
+    def __call__(
+        self,
+        model: nn.Module,
+        gradients: list[Tensor],
+        *,
+        labels: Tensor | None,
+        input_shape: tuple[int, int, int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        batch_size: int,
+        seed: int,
+        **options: Any,
+    ) -> AttackResult: ...
+
+
+ATTACKS: dict[str, Attack] = {}
+
+
+def register(name: str) -> Callable[[Attack], Attack]:
+    """Class/function decorator adding an attack to :data:`ATTACKS` under ``name``."""
+
+    def deco(fn: Attack) -> Attack:
+        if name in ATTACKS:
+            raise ValueError(f"attack {name!r} is registered twice")
+        ATTACKS[name] = fn
+        return fn
+
+    return deco
+
+
+def as_gradient_list(model: nn.Module, gradients: Gradients) -> list[Tensor]:
+    """Gradients as a list aligned with ``model.named_parameters()``, shapes checked.
+
+    Accepts a sequence in parameter order or a mapping from parameter name to tensor.
+    Raises ValueError naming the first missing or mismatching parameter.
+    """
+    named = list(model.named_parameters())
+    if isinstance(gradients, Mapping):
+        missing = [n for n, _ in named if n not in gradients]
+        if missing:
+            raise ValueError(f"gradients: no entry for parameter {missing[0]!r}")
+        grads = [gradients[n] for n, _ in named]
+    else:
+        grads = list(gradients)
+        if len(grads) != len(named):
+            raise ValueError(
+                f"gradients: got {len(grads)} tensors for {len(named)} parameters of the model"
+            )
+    out = []
+    for (name, param), g in zip(named, grads, strict=True):
+        g = torch.as_tensor(g)
+        if tuple(g.shape) != tuple(param.shape):
+            raise ValueError(
+                f"gradients: parameter {name!r} expects shape {tuple(param.shape)}, "
+                f"got {tuple(g.shape)}"
+            )
+        out.append(g.detach().to(device=param.device, dtype=param.dtype))
+    return out
+
+
+def parameters_before_bottleneck(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Names of the parameters used in the forward pass before the first PRECODE bottleneck.
+
+    Traced with a dry forward pass, so it is right whatever the registration order.
+    Raises ValueError if the model has no bottleneck.
+    """
+    order: list[nn.Module] = []
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, _a: order.append(mod)) for m in model.modules()
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    first = next((i for i, m in enumerate(order) if isinstance(m, BOTTLENECK_TYPES)), None)
+    if first is None:
+        raise ValueError("the model has no PRECODE bottleneck")
+    before = {id(p) for m in order[:first] for p in m.parameters(recurse=False)}
+    return [n for n, p in model.named_parameters() if id(p) in before]
+
+
+def select_parameters(
+    model: nn.Module, layers: Iterable[str] | Callable[[str], bool] | None
+) -> list[bool]:
+    """Mask over ``model.named_parameters()``: which gradients an attack should match.
+
+    ``layers`` is None (all), a predicate on the parameter name, or names / module
+    prefixes (``"0"`` selects ``0.weight`` and ``0.bias``). Unknown names raise ValueError.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if layers is None:
+        return [True] * len(names)
+    if callable(layers):
+        return [bool(layers(n)) for n in names]
+    wanted = list(layers)
+    mask = [any(n == w or n.startswith(w + ".") for w in wanted) for n in names]
+    for w in wanted:
+        if not any(n == w or n.startswith(w + ".") for n in names):
+            raise ValueError(f"layers: {w!r} matches no parameter of the model")
+    if not any(mask):
+        raise ValueError("layers: the selection is empty")
+    return mask
+
+
+class Timer:
+    """Context manager measuring wall time in seconds (``.seconds``)."""
+
+    def __enter__(self) -> Timer:
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self._start
