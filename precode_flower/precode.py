@@ -29,7 +29,8 @@ _LN2 = math.log(2.0)
 def gaussian_kl_bits(mu: Tensor, std: Tensor) -> Tensor:
     """KL(N(mu, std^2) || N(0, 1)) in bits: summed over latent dims, averaged over the batch."""
     var = std.pow(2)
-    kl_nats = 0.5 * (mu.pow(2) + var - 1.0 - torch.log(var))
+    # The floor keeps the log finite if softplus underflows to 0 in float32.
+    kl_nats = 0.5 * (mu.pow(2) + var - 1.0 - torch.log(var.clamp_min(1e-30)))
     return kl_nats.flatten(1).sum(1).mean() / _LN2
 
 
