@@ -1,0 +1,73 @@
+"""``ignore-bottleneck``: the adaptive attack on PRECODE models.
+
+Inverting Gradients (:mod:`.ig`) matching only the gradients of the parameters used before
+the first PRECODE bottleneck (:func:`base.parameters_before_bottleneck`). Their gradients
+still carry the input (e.g. the first Linear layer's weight gradient is an outer product with
+it), while the bottleneck's noise, which the server cannot reproduce, only rescales them.
+
+Options: every option of ``ig`` with the same defaults (cost "cosine", tv 1e-6, Adam lr 0.01,
+signed, step schedule, boxed, 7000 iterations, 1 restart, init "randn", ...), except
+``layers``, which this attack sets itself (passing it raises ValueError).
+
+Models without a PRECODE bottleneck raise ValueError: the attack is defined by the bottleneck,
+and silently falling back to plain ``ig`` would mislabel results (run ``ig`` for those).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..precode import bottlenecks
+from .base import AttackResult, parameters_before_bottleneck, register
+from .ig import IGOptions, run_ig
+
+
+def matched_parameters(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Names of the parameters whose gradients ``ignore-bottleneck`` matches."""
+    if not bottlenecks(model):
+        raise ValueError(
+            "ignore-bottleneck applies only to PRECODE models (with a variational bottleneck); "
+            "this model has none, use 'ig' instead"
+        )
+    names = parameters_before_bottleneck(model, input_shape)
+    if not names:
+        raise ValueError(
+            "ignore-bottleneck: no parameter is used before the first PRECODE bottleneck, "
+            "so there is no gradient to match"
+        )
+    return names
+
+
+@register("ignore-bottleneck")
+def ignore_bottleneck(
+    model: nn.Module,
+    gradients: list[Tensor],
+    *,
+    labels: Tensor | None,
+    input_shape: tuple[int, int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    seed: int,
+    **options: Any,
+) -> AttackResult:
+    """Inverting Gradients on the pre-bottleneck gradients only (options: those of ``ig``)."""
+    if "layers" in options:
+        raise ValueError("ignore-bottleneck chooses the matched layers itself; drop 'layers'")
+    opts = IGOptions.from_options(options, "ignore-bottleneck")
+    opts.layers = matched_parameters(model, input_shape)
+    return run_ig(
+        "ignore-bottleneck",
+        model,
+        gradients,
+        labels=labels,
+        input_shape=input_shape,
+        mean=mean,
+        std=std,
+        batch_size=batch_size,
+        seed=seed,
+        opts=opts,
+    )
