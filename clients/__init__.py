@@ -1,0 +1,1 @@
+"""Flower ClientApp glue: receives the global model and config, replies with an update."""

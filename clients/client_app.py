@@ -1,0 +1,79 @@
+"""The Flower ClientApp: thin glue around :mod:`precode_flower.task`.
+
+Messages (Flower 1.42 Message API):
+
+- train: content ``{"arrays": ArrayRecord (global state dict), "config": ConfigRecord}``
+  where the config is :meth:`RunConfig.to_config` plus ``server-round``. Reply
+  ``{"arrays": ArrayRecord, "metrics": MetricRecord}``: FedSGD the gradient on one local
+  batch (parameter names), FedAvg the state dict after local training. Metrics:
+  ``num-examples`` (FedSGD: batch size; FedAvg: partition size), ``train-loss``,
+  ``train-accuracy``, ``partition-id`` and, only with ``audit-ground-truth``,
+  ``batch-indices`` (indices into the dataset's train split; see :mod:`precode_flower.task`).
+- evaluate: same content; reply ``{"metrics": MetricRecord}`` with ``num-examples``,
+  ``eval-loss``, ``eval-accuracy``, ``partition-id`` on the client's test share.
+
+Node-local settings come from ``context.node_config``: ``partition-id`` and
+``num-partitions`` (set by the simulation engine, or ``--node-config`` of
+``flower-supernode``) and optionally ``data-dir`` (overrides the run's ``data-dir``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from precode_flower import task
+
+app = ClientApp()
+
+
+def _node_settings(context: Context) -> tuple[int, int, str | None]:
+    cfg = context.node_config
+    try:
+        pid, n = int(cfg["partition-id"]), int(cfg["num-partitions"])
+    except KeyError as err:
+        raise ValueError(
+            f"node_config lacks {err}; start the SuperNode with "
+            '--node-config "partition-id=<i> num-partitions=<N>"'
+        ) from None
+    data_dir = cfg.get("data-dir")
+    return pid, n, str(data_dir) if data_dir else None
+
+
+def _setup(msg: Message, context: Context) -> tuple[task.RunConfig, task.ClientData, Any, int]:
+    config = msg.content["config"]
+    cfg = task.RunConfig.from_mapping(dict(config))
+    pid, n, data_dir = _node_settings(context)
+    data = task.client_data(cfg, pid, n, data_dir)
+    model = task.get_model(cfg, data.num_classes, data.input_shape)
+    return cfg, data, model, int(config.get("server-round", 0))
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Compute this client's update (FedSGD gradient or FedAvg weights) for the round."""
+    cfg, data, model, server_round = _setup(msg, context)
+    state = msg.content["arrays"].to_torch_state_dict()
+    update = task.compute_update(model, state, data, cfg, server_round)
+    update = task.inject_fault(update, cfg, data.partition_id, server_round)
+    arrays = ArrayRecord({k: Array(v) for k, v in update.arrays.items()})
+    metrics = MetricRecord(update.metrics(data.partition_id, cfg.audit_ground_truth))
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's test share."""
+    cfg, data, model, _ = _setup(msg, context)
+    stats = task.evaluate_client(model, msg.content["arrays"].to_torch_state_dict(), data)
+    metrics = MetricRecord(
+        {
+            "num-examples": int(stats.examples),
+            "eval-loss": float(stats.loss),
+            "eval-accuracy": float(stats.accuracy),
+            "partition-id": data.partition_id,
+        }
+    )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,526 @@
+"""What one federated run computes, without Flower: its config, model, client data and updates.
+
+This is the ``task.py`` of Flower's examples, kept framework-free so it can be tested and
+reused (by the auditor, benchmarks, the plain-PyTorch baseline) without ``flwr``:
+
+- :class:`RunConfig`: every training setting of a run. The server sends
+  :meth:`RunConfig.to_config` as the ConfigRecord of each round; clients rebuild it with
+  :meth:`RunConfig.from_mapping` (keys are hyphenated, as in Flower's run config).
+- :func:`build_model`: the configured network with its model defenses (PRECODE).
+- :func:`client_data`: a client's training partition and its share of the test split.
+- :func:`compute_update`: one client's reply for one round (FedSGD gradient or FedAvg
+  weights), with the update defenses applied.
+
+Client data: the training split is partitioned with :func:`precode_flower.partition.partition`
+(``partition`` scheme, ``alpha``, ``classes-per-client``, ``seed``). Each client's test share
+is an IID slice of the test split (a seeded permutation cut into ``num-partitions`` parts),
+so the aggregate of client evaluations estimates the accuracy on the whole test split; the
+server additionally evaluates the global model on the whole test split.
+
+Ground truth for auditing (``audit-ground-truth``): ``batch_indices`` are indices into the
+dataset's **training split** (``DataBundle.train``), not into the client's partition, in the
+order the client used them (FedSGD: the one batch; FedAvg: every batch of every local step,
+concatenated).
+
+Randomness is derived from (``seed``, round, partition id), so the same config reproduces
+the same updates regardless of which process or node computes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import data as data_mod
+from .defenses import (
+    DefenseParams,
+    apply_model_defenses,
+    apply_update_defenses,
+    has_update_defense,
+    parse_defenses,
+)
+from .models import MODELS, build
+from .partition import SCHEMES, partition
+from .training import EvalStats, evaluate, loss_fn
+
+__all__ = [
+    "FAULTS",
+    "MODES",
+    "SERVER_OPTIMIZERS",
+    "ClientData",
+    "ClientUpdate",
+    "RunConfig",
+    "build_model",
+    "client_data",
+    "compute_update",
+    "derive_seeds",
+    "evaluate_client",
+    "get_model",
+    "inject_fault",
+    "initial_state",
+    "load_state",
+]
+
+MODES: tuple[str, ...] = ("fedavg", "fedsgd")
+SERVER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+#: Fault kinds for ``fault-injection`` (robustness tests): ``kind:partition-id[:round]``.
+FAULTS: tuple[str, ...] = ("raise", "nan", "inf", "shape", "missing")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    v = str(value).strip().lower()
+    if v not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+    return v
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """All training settings of a run (the ConfigRecord sent each round).
+
+    Field ``some_name`` is key ``some-name`` in configs. ``defenses`` is a tuple of
+    canonical names (a comma string in configs, ``"none"`` when empty).
+    """
+
+    mode: str = "fedavg"
+    dataset: str = "cifar10"
+    data_dir: str = ""  # "" = the default lookup of precode_flower.data.load
+    model: str = "mlp"
+    defenses: tuple[str, ...] = ()
+    latent_dim: int = 256
+    beta: float = 1e-3
+    clip: float = 1.0
+    sigma: float = 0.01
+    prune_rate: float = 0.9
+    batch_size: int = 32
+    local_epochs: float = 1.0
+    local_steps: int = 0  # > 0 overrides local_epochs (FedAvg)
+    lr: float = 0.05
+    momentum: float = 0.0
+    server_optimizer: str = "sgd"
+    server_lr: float = 0.1
+    server_momentum: float = 0.0
+    partition: str = "iid"
+    alpha: float = 0.5
+    classes_per_client: int = 2
+    clients: int = 2  # nodes the server waits for before sampling
+    rounds: int = 3
+    fraction: float = 1.0
+    fraction_evaluate: float = 1.0
+    seed: int = 0
+    audit_ground_truth: bool = False
+    round_timeout: float = 600.0
+    fault_injection: str = ""
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        set_ = functools.partial(object.__setattr__, self)
+        set_("mode", _choice("mode", self.mode, MODES))
+        set_("model", _choice("model", self.model, MODELS))
+        set_("partition", _choice("partition", self.partition, SCHEMES))
+        set_(
+            "server_optimizer",
+            _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS),
+        )
+        dataset = str(self.dataset).strip().lower()
+        if dataset not in data_mod.DATASETS:
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data_mod.DATASETS)}"
+            )
+        set_("dataset", dataset)
+        set_("defenses", parse_defenses(self.defenses))
+        _ = self.defense_params  # validates latent-dim, beta, clip, sigma, prune-rate
+        for name in ("batch_size", "rounds", "clients", "classes_per_client"):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
+                )
+        if self.local_steps < 0:
+            raise ValueError(f"local-steps must be >= 0, got {self.local_steps}")
+        if self.local_steps == 0 and not self.local_epochs > 0:
+            raise ValueError(f"local-epochs must be > 0, got {self.local_epochs}")
+        for name in ("fraction", "fraction_evaluate"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(
+                    f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}"
+                )
+        for name in ("lr", "server_lr", "alpha", "round_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("momentum", "server_momentum"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(
+                    f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}"
+                )
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        parse_faults(self.fault_injection)
+
+    @property
+    def defense_params(self) -> DefenseParams:
+        return DefenseParams(self.latent_dim, self.beta, self.clip, self.sigma, self.prune_rate)
+
+    def to_config(self) -> dict[str, bool | int | float | str]:
+        """The config as flat hyphenated key -> scalar (a valid Flower ConfigRecord/UserConfig)."""
+        out: dict[str, bool | int | float | str] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            value = getattr(self, f.name)
+            if f.name == "defenses":
+                value = ",".join(value) or "none"
+            out[f.name.replace("_", "-")] = value
+        return out
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], **overrides: Any) -> RunConfig:
+        """Parse hyphenated (or underscored) keys; unknown keys are kept in ``extra``.
+
+        Values are coerced to the field's type (``"3"`` -> 3, ``"true"`` -> True) and
+        validated; raises ValueError naming the key on a bad value.
+        """
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        defaults = cls()
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for key, value in {**dict(mapping), **overrides}.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                extra[key] = value
+                continue
+            kwargs[name] = _coerce(key, value, getattr(defaults, name))
+        return cls(**kwargs, extra=extra)
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                return value.strip().lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, tuple):
+            return parse_defenses(value)
+        return str(value)
+    except (TypeError, ValueError) as err:
+        if "defense" in str(err):
+            raise
+        raise ValueError(
+            f"bad value for {key!r}: {value!r} (expected {type(default).__name__})"
+        ) from err
+
+
+def parse_faults(spec: str) -> list[tuple[str, int, int | None]]:
+    """``"nan:1,raise:2:3"`` -> [("nan", 1, None), ("raise", 2, 3)] (kind, partition, round)."""
+    out = []
+    for item in filter(None, (s.strip() for s in str(spec).split(","))):
+        parts = item.split(":")
+        if len(parts) not in (2, 3) or parts[0] not in FAULTS:
+            raise ValueError(
+                f"bad fault-injection item {item!r}; expected kind:partition[:round] with kind "
+                f"one of: {', '.join(FAULTS)}"
+            )
+        try:
+            out.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
+        except ValueError as err:
+            raise ValueError(f"bad fault-injection item {item!r}: ids must be ints") from err
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Seeds, models
+
+
+def derive_seeds(seed: int, server_round: int, partition_id: int, n: int = 3) -> list[int]:
+    """``n`` independent 32-bit seeds for (run seed, round, partition)."""
+    ss = np.random.SeedSequence([int(seed), int(server_round), int(partition_id) + 1])
+    return [int(s) for s in ss.generate_state(n)]
+
+
+def build_model(
+    cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...], *, seed: int | None = None
+) -> nn.Module:
+    """The configured model with its model defenses (e.g. PRECODE), initialised from ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = build(cfg.model, num_classes, input_shape)
+        model = apply_model_defenses(model, cfg.defenses, cfg.defense_params, input_shape)
+    return model
+
+
+_MODELS: dict[tuple[Any, ...], nn.Module] = {}
+
+
+def get_model(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    """A cached model of this architecture (callers load the weights they need into it).
+
+    Building the network once per process (a Ray actor serves many rounds and clients)
+    saves the initialisation cost; :func:`compute_update` always loads the full state.
+    """
+    key = (cfg.model, num_classes, tuple(input_shape), cfg.defenses, cfg.latent_dim, cfg.beta)
+    if key not in _MODELS:
+        _MODELS.clear()  # one architecture per process is the common case; bound the memory
+        _MODELS[key] = build_model(cfg, num_classes, input_shape, seed=0)
+    return _MODELS[key]
+
+
+def initial_state(
+    cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]
+) -> OrderedDict[str, Tensor]:
+    """The global model's initial state dict, seeded by ``cfg.seed``."""
+    return build_model(cfg, num_classes, input_shape, seed=cfg.seed).state_dict()
+
+
+def load_state(model: nn.Module, state: Mapping[str, Tensor | np.ndarray]) -> None:
+    """Load a full state dict of tensors or arrays (strict; dtypes cast to the model's)."""
+    tensors = {k: torch.as_tensor(v) for k, v in state.items()}
+    model.load_state_dict(tensors, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Client data
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's data. Indices point into the dataset's train / test split."""
+
+    partition_id: int
+    num_partitions: int
+    train_indices: np.ndarray
+    test_indices: np.ndarray
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor
+    y_test: Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+@functools.lru_cache(maxsize=8)
+def _splits(
+    dataset: str,
+    data_dir: str | None,
+    scheme: str,
+    num_partitions: int,
+    alpha: float,
+    classes_per_client: int,
+    seed: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    bundle = data_mod.load(dataset, data_dir)
+    labels = bundle.train.tensors[1].numpy()
+    train = partition(
+        labels,
+        num_partitions,
+        scheme,
+        alpha=alpha,
+        classes_per_client=classes_per_client,
+        seed=seed,
+    )
+    n_test = len(bundle.test)
+    perm = np.random.default_rng(seed).permutation(n_test)
+    test = [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_partitions)]
+    return train, test
+
+
+def client_data(
+    cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | None = None
+) -> ClientData:
+    """Partition ``partition_id`` of ``num_partitions``: its train examples and test share.
+
+    ``data_dir`` overrides ``cfg.data_dir`` (a node-local setting in deployment).
+    """
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
+    directory = data_dir or cfg.data_dir or None
+    bundle = data_mod.load(cfg.dataset, directory)
+    train, test = _splits(
+        cfg.dataset,
+        directory,
+        cfg.partition,
+        num_partitions,
+        cfg.alpha,
+        cfg.classes_per_client,
+        cfg.seed,
+    )
+    tr, te = train[partition_id], test[partition_id]
+    x, y = bundle.train.tensors
+    xt, yt = bundle.test.tensors
+    return ClientData(
+        partition_id=partition_id,
+        num_partitions=num_partitions,
+        train_indices=tr,
+        test_indices=te,
+        x_train=x[torch.from_numpy(tr)],
+        y_train=y[torch.from_numpy(tr)],
+        x_test=xt[torch.from_numpy(te)],
+        y_test=yt[torch.from_numpy(te)],
+        num_classes=bundle.num_classes,
+        input_shape=tuple(bundle.input_shape),  # type: ignore[arg-type]
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Client computation
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A client's reply for one round, before it is wrapped in a Flower message.
+
+    ``arrays``: FedSGD: one gradient per trainable parameter (``named_parameters`` names and
+    order); FedAvg: the full state dict after local training. ``batch_indices``: train-split
+    indices of the examples used, in order.
+    """
+
+    arrays: dict[str, np.ndarray]
+    num_examples: int
+    loss: float
+    accuracy: float
+    batch_indices: np.ndarray
+
+    def metrics(
+        self, partition_id: int, audit_ground_truth: bool
+    ) -> dict[str, int | float | list[int]]:
+        """The reply's MetricRecord content."""
+        m: dict[str, int | float | list[int]] = {
+            "num-examples": int(self.num_examples),
+            "train-loss": float(self.loss),
+            "train-accuracy": float(self.accuracy),
+            "partition-id": int(partition_id),
+        }
+        if audit_ground_truth:
+            m["batch-indices"] = [int(i) for i in self.batch_indices]
+        return m
+
+
+def _epoch_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n, batch_size):
+            yield perm[start : start + batch_size]
+
+
+def compute_update(
+    model: nn.Module,
+    global_state: Mapping[str, Tensor | np.ndarray],
+    data: ClientData,
+    cfg: RunConfig,
+    server_round: int,
+) -> ClientUpdate:
+    """One client's update for ``server_round`` starting from ``global_state``.
+
+    FedSGD: the gradient of (cross-entropy + PRECODE loss) on one batch of ``batch-size``
+    examples drawn without replacement from the partition. FedAvg: SGD for ``local-steps``
+    (or ``local-epochs`` passes) over shuffled batches. Update defenses are then applied.
+    """
+    n = len(data.y_train)
+    if n == 0:
+        raise ValueError(f"partition {data.partition_id} has no training examples")
+    load_state(model, global_state)
+    s_batch, s_torch, s_noise = derive_seeds(cfg.seed, server_round, data.partition_id)
+    noise_gen = torch.Generator().manual_seed(s_noise)
+    params = [(name, p) for name, p in model.named_parameters()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s_torch)  # PRECODE's reparameterisation noise
+        model.train()
+        if cfg.mode == "fedsgd":
+            rng = np.random.default_rng(s_batch)
+            pos = np.sort(rng.choice(n, size=min(cfg.batch_size, n), replace=False))
+            x, y = data.x_train[pos], data.y_train[pos]
+            loss, logits = loss_fn(model, x, y)
+            grads = torch.autograd.grad(loss, [p for _, p in params], allow_unused=True)
+            update = {
+                name: (torch.zeros_like(p) if g is None else g.detach())
+                for (name, p), g in zip(params, grads, strict=True)
+            }
+            update = apply_update_defenses(update, cfg.defenses, cfg.defense_params, noise_gen)
+            arrays = {k: v.numpy() for k, v in update.items()}
+            acc = float((logits.argmax(1) == y).float().mean())
+            return ClientUpdate(arrays, len(y), float(loss.detach()), acc, data.train_indices[pos])
+
+        per_epoch = math.ceil(n / cfg.batch_size)
+        steps = cfg.local_steps or max(1, round(cfg.local_epochs * per_epoch))
+        gen = torch.Generator().manual_seed(s_batch)
+        batches = _epoch_batches(n, cfg.batch_size, gen)
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        used: list[Tensor] = []
+        loss_sum, correct = 0.0, 0
+        for _ in range(steps):
+            idx = next(batches)
+            x, y = data.x_train[idx], data.y_train[idx]
+            opt.zero_grad(set_to_none=True)
+            loss, logits = loss_fn(model, x, y)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            used.append(idx)
+    order = torch.cat(used).numpy()
+    state = model.state_dict()
+    if has_update_defense(cfg.defenses):
+        start = {k: torch.as_tensor(global_state[k]) for k, _ in params}
+        delta = {k: state[k] - start[k].to(state[k].dtype) for k, _ in params}
+        delta = apply_update_defenses(delta, cfg.defenses, cfg.defense_params, noise_gen)
+        state = OrderedDict(
+            (k, start[k].to(v.dtype) + delta[k] if k in delta else v) for k, v in state.items()
+        )
+    # Reply in the dtypes received, so the server's checks and aggregation see stable types
+    # (Flower's FedAvg turns integer buffers such as num_batches_tracked into floats).
+    arrays = {
+        k: v.detach().numpy().astype(np.asarray(global_state[k]).dtype, copy=False)
+        for k, v in state.items()
+    }
+    return ClientUpdate(
+        arrays, n, loss_sum / len(order), correct / len(order), data.train_indices[order]
+    )
+
+
+def inject_fault(
+    update: ClientUpdate, cfg: RunConfig, partition_id: int, server_round: int
+) -> ClientUpdate:
+    """Corrupt ``update`` as ``cfg.fault_injection`` asks for this partition and round.
+
+    For robustness tests only: ``raise`` raises RuntimeError, ``nan``/``inf`` poison one
+    entry, ``shape`` drops the last row of the first array, ``missing`` drops an array.
+    """
+    for kind, pid, rnd in parse_faults(cfg.fault_injection):
+        if pid != partition_id or (rnd is not None and rnd != server_round):
+            continue
+        arrays = {k: v.copy() for k, v in update.arrays.items()}
+        first = next(iter(arrays))
+        if kind == "raise":
+            raise RuntimeError(f"injected fault: partition {partition_id} raises")
+        if kind in ("nan", "inf"):
+            arrays[first].reshape(-1)[0] = np.nan if kind == "nan" else np.inf
+        elif kind == "shape":
+            arrays[first] = arrays[first][:-1]
+        elif kind == "missing":
+            del arrays[first]
+        update = dataclasses.replace(update, arrays=arrays)
+    return update
+
+
+def evaluate_client(
+    model: nn.Module, global_state: Mapping[str, Tensor | np.ndarray], data: ClientData
+) -> EvalStats:
+    """Loss and accuracy of ``global_state`` on the client's test share."""
+    load_state(model, global_state)
+    return evaluate(model, (data.x_test, data.y_test))

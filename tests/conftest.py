@@ -1,0 +1,148 @@
+"""Shared fixtures: an isolated Flower/Ray environment, free ports, in-process Flower messaging."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def flower_env() -> Iterator[Path]:
+    """Telemetry off; Flower's home and Ray's temp dir in a fresh, short tmp dir.
+
+    Short because Ray puts unix sockets under its temp dir (path limit ~107 bytes).
+    """
+    root = Path(tempfile.mkdtemp(prefix="pf-"))
+    env = {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_HOME": str(root / "flwr"),
+        "RAY_TMPDIR": str(root / "ray"),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    }
+    (root / "flwr").mkdir()
+    (root / "ray").mkdir()
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield root
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def find_free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """Call it for as many distinct free ports as needed."""
+    given: set[int] = set()
+
+    def take() -> int:
+        while (port := find_free_port()) in given:
+            pass
+        given.add(port)
+        return port
+
+    return take
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """Flower's TaskIdentity, which strategies need to build messages outside a ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def make_message(content, message_type: str, *, src: int = 1, dst: int = 5, round_: int = 1):
+    """An instruction Message with explicit metadata (no TaskIdentity needed)."""
+    from flwr.app import Message, Metadata
+
+    metadata = Metadata(
+        run_id=7,
+        message_id=f"m-{src}-{dst}-{round_}-{time.monotonic_ns()}",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id="",
+        group_id=str(round_),
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=message_type,
+    )
+    return Message(content=content, metadata=metadata)
+
+
+class InProcessGrid:
+    """A Flower Grid stand-in that runs a ClientApp in this process, one node per partition.
+
+    ``faulty`` maps a node id to a function rewriting that node's reply (or raising).
+    """
+
+    def __init__(self, client_app, num_nodes: int, *, faulty=None, node_config=None) -> None:
+        from flwr.app import Context, RecordDict
+
+        self.app = client_app
+        self.node_ids = [101 + i for i in range(num_nodes)]
+        self.contexts = {
+            nid: Context(
+                run_id=7,
+                node_id=nid,
+                node_config={"partition-id": i, "num-partitions": num_nodes, **(node_config or {})},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, nid in enumerate(self.node_ids)
+        }
+        self.faulty = faulty or {}
+        self.sent: list = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
+        from flwr.app import Error
+
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            nid = msg.metadata.dst_node_id
+            # The reply must point back at a message with an id, as the SuperLink assigns.
+            msg.metadata.__dict__["_message_id"] = f"in-{nid}-{len(self.sent)}"
+            try:
+                reply = self.app(msg, self.contexts[nid])
+                if nid in self.faulty:
+                    reply = self.faulty[nid](reply)
+            except Exception as err:  # as the simulation engine: an error reply
+                from flwr.app import Message
+
+                reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            if reply is not None:  # None: the node dropped out
+                replies.append(reply)
+        # Replies arrive in an order unrelated to the request order.
+        return replies[::-1]
+
+
+@pytest.fixture
+def inprocess_grid() -> type[InProcessGrid]:
+    return InProcessGrid
