@@ -560,6 +560,18 @@ class LeakageAuditor:
             self._changed.notify_all()
         return accepted
 
+    def report_error(
+        self, round: int, client: int | str, error: str, *, defense: str = "none", **meta: Any
+    ) -> None:
+        """Log a job that could not even be built (e.g. an undecodable reply) as error rows."""
+        log.warning("audit: round %s client %s not audited: %s", round, client, error)
+        base = {"round": int(round), "client": client, "defense": str(defense), **meta}
+        with self._lock:
+            if base["defense"] not in self._defenses:
+                self._defenses.append(base["defense"])
+            for attack in self.attacks:
+                self._record({**base, "attack": attack}, _failed("error", error))
+
     # ---- results ------------------------------------------------------------------------
 
     @property
