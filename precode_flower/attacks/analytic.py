@@ -1,0 +1,226 @@
+"""Analytic input recovery from a fully connected layer with a bias (registered ``"analytic"``).
+
+For a Linear layer ``z = W x + b`` and any loss, ``dW = sum_b delta_b x_b^T`` and
+``db = sum_b delta_b`` with ``delta_b = dL/dz_b``. So row k gives
+``dW[k] / db[k] = sum_b w_bk x_b`` with weights ``w_bk = delta_bk / db[k]`` summing to one:
+
+* batch 1: every row with ``db[k] != 0`` is the input itself, exactly (Phong et al., 2017;
+  Geiping et al., 2020). PRECODE does not protect layers before its bottleneck: on the
+  paper's MLP the first layer gives the image back to float precision.
+* batch B > 1: a row in which only one example is active (ReLU sparsity zeroes the others'
+  delta) is that example exactly; other rows are mixtures. Candidates ``dW[k] / db[k]`` are
+  grouped: rows that agree to within ``tol`` (RMS difference, normalised units) are the
+  same isolated example, since mixtures of several examples have row-specific weights and
+  do not repeat. A group counts as recovered when it has at least ``min_rows`` rows and
+  its image lies in the valid pixel box (after de-normalisation, up to ``box_slack``).
+  Recovered images fill the first slots; the rest are zeros (the dataset mean) and are
+  listed in ``info["filled_slots"]``. ``recovered`` is the number of distinct images.
+  The slot order is not the batch order (see :func:`precode_flower.metrics.match`).
+
+Options:
+    layer: module name of the Linear layer to invert. Default: the first ``nn.Linear`` whose
+        input is the flattened image (found by tracing a forward pass). If no Linear sees the
+        raw image (e.g. a CNN, whose first Linear follows convolutions), the attack does not
+        apply and raises ValueError. With an explicit ``layer`` whose input is not the image,
+        the recovered input features are returned in ``info["features"]`` (lists) and the
+        images are zeros.
+    threshold: rows with ``|db[k]| <= threshold * max|db|`` are ignored (1e-4): dividing by
+        a near-zero bias gradient only amplifies float error.
+    tol: grouping tolerance, RMS difference in normalised units (1e-3).
+    min_rows: rows a group needs before it is trusted, for B > 1 (2).
+    box_slack: allowed excursion outside [0, 1] in pixel units, for B > 1 (1e-3).
+
+Labels: the given ones, else :func:`~.label_recovery.recover_labels`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .base import AttackResult, Timer, register
+from .label_recovery import labels_or_recover
+
+
+def _linear_inputs(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, bool]]:
+    """(name, sees the flattened image?) for every Linear, in forward order (dry run)."""
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(1234)
+    probe = torch.randn(2, *input_shape, generator=gen).to(device)
+    flat = probe.flatten(1)
+    found: list[tuple[str, bool]] = []
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+
+            def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+                x = args[0]
+                found.append((name, x.shape == flat.shape and bool(torch.equal(x, flat))))
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(probe)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def choose_layer(
+    model: nn.Module, input_shape: Sequence[int], layer: str | None
+) -> tuple[str, bool]:
+    """(name of the Linear to invert, whether its input is the flattened image)."""
+    linears = _linear_inputs(model, input_shape)
+    if layer is None:
+        for name, is_image in linears:
+            if is_image:
+                return name, True
+        first = f" (the first, {linears[0][0]!r}, sees features)" if linears else ""
+        raise ValueError(
+            "analytic attack does not apply: no nn.Linear takes the flattened image as input"
+            f"{first}; pass layer='name' to recover a Linear layer's input features instead"
+        )
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError as err:
+        names = ", ".join(n for n, _ in linears)
+        raise ValueError(f"analytic: no module {layer!r}; Linear layers: {names}") from err
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"analytic: {layer!r} is a {type(module).__name__}, not nn.Linear")
+    if module.bias is None:
+        raise ValueError(f"analytic: {layer!r} has no bias; the attack needs db")
+    return layer, any(n == layer and img for n, img in linears)
+
+
+def invert_linear(
+    dw: Tensor,
+    db: Tensor,
+    batch_size: int,
+    *,
+    threshold: float = 1e-4,
+    tol: float = 1e-3,
+    min_rows: int = 2,
+    valid: Any = None,
+) -> tuple[Tensor, list[int]]:
+    """Inputs of a Linear layer from its weight and bias gradients.
+
+    Args:
+        dw: (out, in) weight gradient; db: (out,) bias gradient.
+        batch_size: examples behind the gradient.
+        valid: optional predicate on an (in,) candidate (e.g. the pixel box), for B > 1.
+
+    Returns:
+        (k, in) recovered inputs (k <= batch_size, the distinct ones it is sure of) and the
+        number of rows behind each.
+    """
+    dw = dw.detach().double().flatten(1)
+    db = db.detach().double()
+    scale = db.abs().max()
+    if scale == 0:
+        return dw.new_zeros(0, dw.shape[1]), []
+    rows = torch.nonzero(db.abs() > threshold * scale).flatten()
+    if batch_size == 1:
+        # Least squares over all usable rows of dW[k] = db[k] * x (exact for one example).
+        d = db[rows]
+        x = (d @ dw[rows]) / (d @ d)
+        return x.unsqueeze(0), [len(rows)]
+    # Most reliable rows (largest |db|) seed the groups.
+    rows = rows[torch.argsort(db[rows].abs(), descending=True)]
+    cand = dw[rows] / db[rows, None]
+    dim = cand.shape[1]
+    dist = torch.cdist(cand, cand) / dim**0.5
+    unassigned = torch.ones(len(rows), dtype=torch.bool)
+    images: list[Tensor] = []
+    sizes: list[int] = []
+    for i in range(len(rows)):
+        if not unassigned[i]:
+            continue
+        members = torch.nonzero(unassigned & (dist[i] < tol)).flatten()
+        unassigned[members] = False
+        if len(members) < min_rows:
+            continue
+        d = db[rows[members]]
+        x = (d @ dw[rows[members]]) / (d @ d)
+        if valid is not None and not valid(x):
+            continue
+        images.append(x)
+        sizes.append(len(members))
+    if not images:
+        return dw.new_zeros(0, dw.shape[1]), []
+    # Keep the best-supported groups if (unexpectedly) more than B agree internally.
+    order = sorted(range(len(images)), key=lambda j: -sizes[j])[:batch_size]
+    return torch.stack([images[j] for j in order]), [sizes[j] for j in order]
+
+
+@register("analytic")
+def analytic(
+    model: nn.Module,
+    gradients: list[Tensor],
+    *,
+    labels: Tensor | None,
+    input_shape: tuple[int, int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int,
+    seed: int,
+    layer: str | None = None,
+    threshold: float = 1e-4,
+    tol: float = 1e-3,
+    min_rows: int = 2,
+    box_slack: float = 1e-3,
+) -> AttackResult:
+    """Exact recovery of a Linear layer's input; see the module docstring."""
+    with Timer() as timer:
+        name, is_image = choose_layer(model, input_shape, layer)
+        module = model.get_submodule(name)
+        index = {id(p): i for i, p in enumerate(model.parameters())}
+        dw = gradients[index[id(module.weight)]]
+        db = gradients[index[id(module.bias)]]
+        m = torch.tensor(mean, dtype=torch.float64, device=dw.device).view(-1, 1, 1)
+        s = torch.tensor(std, dtype=torch.float64, device=dw.device).view(-1, 1, 1)
+
+        def in_box(x: Tensor) -> bool:
+            pixels = x.view(*input_shape) * s + m
+            return bool(pixels.min() >= -box_slack and pixels.max() <= 1 + box_slack)
+
+        found, sizes = invert_linear(
+            dw,
+            db,
+            batch_size,
+            threshold=threshold,
+            tol=tol,
+            min_rows=min_rows,
+            valid=in_box if is_image else None,
+        )
+        labels, labels_recovered = labels_or_recover(
+            model, gradients, labels, batch_size, input_shape
+        )
+    k = len(found)
+    info: dict[str, Any] = {
+        "layer": name,
+        "rows_per_image": sizes,
+        "filled_slots": list(range(k, batch_size)),
+        "labels_recovered": labels_recovered,
+    }
+    images = torch.zeros(batch_size, *input_shape)
+    if is_image:
+        if k:
+            images[:k] = found.view(k, *input_shape).float().cpu()
+    else:
+        info["features"] = found.float().cpu().tolist()
+    return AttackResult(
+        attack="analytic",
+        images=images,
+        labels=labels.cpu(),
+        loss=float("nan"),
+        seconds=timer.seconds,
+        recovered=k if is_image else 0,
+        info=info,
+    )
