@@ -1,0 +1,208 @@
+"""Reconstruction quality: MSE, PSNR, SSIM, label accuracy, matching and a JSON score.
+
+Every image metric de-normalises its inputs with the dataset's (mean, std) and clamps them
+to the pixel range [0, 1] first (``mean=None`` means the images already are pixels), and
+returns one value per image. SSIM and PSNR are torchmetrics' implementations.
+
+Conventions:
+
+* PSNR is capped at :data:`PSNR_CAP` (200 dB) so that identical images give a finite number
+  (JSON has no infinity). Float32 round-off alone already gives ~150 dB, so anything above
+  ~100 dB means "exact up to float error".
+* Reconstructions come in no particular order (batch attacks cannot know the batch order),
+  so :func:`score` first pairs them with the originals by :func:`match` (optimal one-to-one
+  assignment maximising SSIM) and reports metrics over matched pairs.
+* An attack counts as successful when the mean matched SSIM reaches ``success_ssim``
+  (default :data:`SUCCESS_SSIM` = 0.6; configurable per call and from the CLI).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor
+from torchmetrics.functional.image import (
+    peak_signal_noise_ratio,
+    structural_similarity_index_measure,
+)
+
+from .attacks.base import AttackResult
+from .data import denormalize
+
+PSNR_CAP = 200.0
+SUCCESS_SSIM = 0.6
+
+Stats = Sequence[float] | None
+
+
+def to_pixels(x: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
+    """(B, C, H, W) float32 CPU images in [0, 1]: de-normalised (if mean/std) and clamped."""
+    x = x.detach().float().cpu()
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if (mean is None) != (std is None):
+        raise ValueError("give both mean and std, or neither")
+    if mean is not None:
+        x = denormalize(x, mean, std)
+    # A diverged attack can return NaN/inf: count those pixels as black, not as NaN scores.
+    return torch.nan_to_num(x, nan=0.0).clamp(0.0, 1.0)
+
+
+def _pair(recon: Tensor, original: Tensor, mean: Stats, std: Stats) -> tuple[Tensor, Tensor]:
+    a, b = to_pixels(recon, mean, std), to_pixels(original, mean, std)
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: reconstructions {tuple(a.shape)}, originals {b.shape}")
+    return a, b
+
+
+def mse(recon: Tensor, original: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
+    """(B,) mean squared error in [0, 1] pixel space."""
+    a, b = _pair(recon, original, mean, std)
+    return (a - b).pow(2).flatten(1).mean(1)
+
+
+def psnr(recon: Tensor, original: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
+    """(B,) PSNR in dB for pixel range 1, capped at :data:`PSNR_CAP` (identical images)."""
+    a, b = _pair(recon, original, mean, std)
+    # Double precision so near-exact reconstructions are not rounded to "identical".
+    value = peak_signal_noise_ratio(
+        a.double(), b.double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
+    )
+    return value.clamp(max=PSNR_CAP).float()
+
+
+def _ssim_pixels(a: Tensor, b: Tensor) -> Tensor:
+    # The usual 11x11 Gaussian window; tiny images get the largest odd window that fits.
+    side = min(a.shape[-2:])
+    kernel = min(11, side if side % 2 else side - 1)
+    if kernel < 1:
+        raise ValueError(f"images of shape {tuple(a.shape[-2:])} are too small for SSIM")
+    return structural_similarity_index_measure(
+        a, b, data_range=1.0, kernel_size=kernel, reduction="none"
+    )
+
+
+def ssim(recon: Tensor, original: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
+    """(B,) structural similarity (Gaussian window 11, sigma 1.5) in [0, 1] pixel space."""
+    a, b = _pair(recon, original, mean, std)
+    return _ssim_pixels(a, b)
+
+
+def label_accuracy(predicted: Tensor | Sequence[int], true: Tensor | Sequence[int]) -> float:
+    """Fraction of true labels found in the predicted ones, as multisets (order-free).
+
+    The classifier gradient reveals a batch's labels but not their order, so this is the
+    measure label-recovery papers use: ``sum_c min(pred_count_c, true_count_c) / B``.
+    """
+    p = Counter(torch.as_tensor(predicted).flatten().tolist())
+    t = Counter(torch.as_tensor(true).flatten().tolist())
+    total = sum(t.values())
+    if total == 0:
+        raise ValueError("no true labels")
+    return sum(min(p[c], n) for c, n in t.items()) / total
+
+
+def match(
+    recon: Tensor,
+    originals: Tensor,
+    mean: Stats = None,
+    std: Stats = None,
+    *,
+    by: Literal["ssim", "mse"] = "ssim",
+) -> Tensor:
+    """Optimal one-to-one pairing: ``recon[perm]`` lines up with ``originals``.
+
+    Solves the assignment problem (scipy's ``linear_sum_assignment``) on the pairwise cost
+    ``-SSIM`` (default) or MSE, in pixel space. Needs as many reconstructions as originals.
+    """
+    a, b = _pair(recon, originals, mean, std)
+    n = len(b)
+    # Row i of the cost: original i against every reconstruction j.
+    rec = a.unsqueeze(0).expand(n, -1, -1, -1, -1).reshape(n * n, *a.shape[1:])
+    org = b.unsqueeze(1).expand(-1, n, -1, -1, -1).reshape(n * n, *b.shape[1:])
+    if by == "ssim":
+        cost = -_ssim_pixels(rec, org)
+    elif by == "mse":
+        cost = (rec - org).pow(2).flatten(1).mean(1)
+    else:
+        raise ValueError(f"match: by must be 'ssim' or 'mse', got {by!r}")
+    rows, cols = linear_sum_assignment(cost.view(n, n).double().numpy())
+    perm = torch.empty(n, dtype=torch.long)
+    perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)
+    return perm
+
+
+def _finite(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else float(value)
+
+
+def score(
+    result: AttackResult,
+    images: Tensor,
+    labels: Tensor | None,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    success_ssim: float = SUCCESS_SSIM,
+) -> dict[str, Any]:
+    """Plain JSON-serialisable scores of one attack on one batch.
+
+    Reconstructions are matched to ``images`` (:func:`match`); ``mse``/``psnr``/``ssim`` are
+    means over matched pairs and ``per_image`` holds the values per original (batch order),
+    with ``match`` the reconstruction index paired with each. ``label_accuracy`` is the
+    multiset accuracy (:func:`label_accuracy`; None when true or attack labels are missing);
+    ``per_image["label_correct"]`` first credits the label of the matched reconstruction,
+    then any leftover predicted label of the same class, so its mean equals
+    ``label_accuracy``. ``success`` is ``ssim >= success_ssim``. NaN losses become None.
+    """
+    recon = result.images
+    perm = match(recon, images, mean, std)
+    matched = recon[perm]
+    p = psnr(matched, images, mean, std)
+    s = ssim(matched, images, mean, std)
+    m = mse(matched, images, mean, std)
+    label_acc: float | None = None
+    correct: list[bool] | None = None
+    if labels is not None and result.labels is not None:
+        true = torch.as_tensor(labels).flatten().cpu()
+        pred = result.labels.flatten().cpu()
+        label_acc = label_accuracy(pred, true)
+        if len(pred) == len(true):
+            aligned = pred[perm]
+            hits = aligned == true
+            leftover = Counter(aligned[~hits].tolist())
+        else:
+            hits = torch.zeros(len(true), dtype=torch.bool)
+            leftover = Counter(pred.tolist())
+        correct = []
+        for t, hit in zip(true.tolist(), hits.tolist(), strict=True):
+            if not hit and leftover[t] > 0:
+                leftover[t] -= 1
+                hit = True
+            correct.append(bool(hit))
+    mean_ssim = float(s.mean())
+    return {
+        "attack": result.attack,
+        "batch_size": len(images),
+        "mse": float(m.mean()),
+        "psnr": float(p.mean()),
+        "ssim": mean_ssim,
+        "per_image": {
+            "psnr": [float(v) for v in p],
+            "ssim": [float(v) for v in s],
+            "mse": [float(v) for v in m],
+            "label_correct": correct,
+        },
+        "match": perm.tolist(),
+        "label_accuracy": label_acc,
+        "success": bool(mean_ssim >= success_ssim),
+        "success_ssim": float(success_ssim),
+        "recovered": result.recovered,
+        "seconds": float(result.seconds),
+        "loss": _finite(result.loss),
+    }

@@ -1,0 +1,86 @@
+"""Figures (matplotlib, Agg canvas; no pyplot, so no global state and no display needed).
+
+Reconstructions are private data: every file that shows them is written through
+:func:`private_file`, which creates it readable and writable by its owner only (0o600).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import Tensor
+
+from .metrics import to_pixels
+
+PRIVATE_MODE = 0o600
+
+
+def private_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for binary writing with owner-only permissions (0o600).
+
+    The mode is set at creation (no window in which others could read the file) and
+    re-applied when the file already existed with looser permissions. Parent folders are
+    created as needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_MODE)
+    try:
+        os.fchmod(fd, PRIVATE_MODE)
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150) -> Path:
+    """Render ``fig`` with the Agg canvas to a private (0o600) PNG at ``path``."""
+    FigureCanvasAgg(fig)
+    with private_file(path) as fh:
+        fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
+
+
+def image_grid(
+    rows: Mapping[str, Tensor],
+    mean: Sequence[float],
+    std: Sequence[float],
+    path: str | os.PathLike[str],
+    title: str | None = None,
+) -> Path:
+    """Save a grid of images: one row per entry of ``rows``, labelled on the left.
+
+    By convention the first entry holds the originals and each further entry one attack's
+    reconstructions, in the originals' order. Images are (N, C, H, W) in the normalised
+    space given by ``mean``/``std``; they are de-normalised and clamped to [0, 1]. Rows may
+    have different lengths (missing cells stay blank). The PNG is written with mode 0o600.
+    """
+    if not rows:
+        raise ValueError("image_grid: no rows to draw")
+    pixels = {name: to_pixels(images, mean, std) for name, images in rows.items()}
+    n_cols = max(max(len(x) for x in pixels.values()), 1)
+    n_rows = len(pixels)
+    fig = Figure(figsize=(1.2 * n_cols + 1.2, 1.2 * n_rows + (0.4 if title else 0.0)))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.1})
+    for r, (name, images) in enumerate(pixels.items()):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if c < len(images):
+                img = images[c]
+                if img.shape[0] == 1:
+                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
+                else:
+                    ax.imshow(img.permute(1, 2, 0).numpy())
+        axes[r][0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
