@@ -31,7 +31,7 @@ buffers (e.g. BatchNorm running statistics) and bottleneck KL caches.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +58,35 @@ def distance(dot: Tensor, sq: Tensor, target_sq: Tensor, cost: Cost) -> Tensor:
         # clamp: a candidate whose gradient vanishes (e.g. dead ReLUs) gives cost 1, not NaN.
         return 1.0 - dot / (sq.clamp_min(1e-30).sqrt() * target_sq.clamp_min(1e-30).sqrt())
     return sq - 2.0 * dot + target_sq
+
+
+@contextlib.contextmanager
+def attack_session(model: nn.Module) -> Iterator[None]:
+    """Train mode and a forked RNG for the duration; everything the attack touches restored.
+
+    Restores every module's mode, every parameter's ``requires_grad``, all buffers (e.g.
+    BatchNorm running statistics, updated by train-mode passes), the bottlenecks' KL caches
+    and the global RNG state (the attack reseeds it for fixed noise).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    kls = [(m, m.kl) for _, m in bottlenecks(model)]
+    device = next(model.parameters()).device
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            model.train()
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+        for m, kl in kls:
+            m.kl = kl
 
 
 @dataclass
@@ -168,33 +197,11 @@ class GradientMatcher:
     # -- context -------------------------------------------------------------------------
 
     def __enter__(self) -> GradientMatcher:
-        model = self.model
         stack = contextlib.ExitStack()
-        modes = [(m, m.training) for m in model.modules()]
-        flags = [(p, p.requires_grad) for p in model.parameters()]
-        buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        kls = [(m, m.kl) for _, m in bottlenecks(model)]
-
-        def restore() -> None:
-            for f in self._fast:
-                f.calls.clear()
-            for m, mode in modes:
-                m.training = mode
-            for p, flag in flags:
-                p.requires_grad_(flag)
-            with torch.no_grad():
-                for b, saved in buffers:
-                    b.copy_(saved)
-            for m, kl in kls:
-                m.kl = kl
-
-        stack.callback(restore)
-        device = next(model.parameters()).device
-        devices = [device] if device.type == "cuda" else []
-        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(attack_session(self.model))
+        stack.callback(lambda: [f.calls.clear() for f in self._fast])
         for f in self._fast:
             stack.callback(f.module.register_forward_hook(self._hook(f)).remove)
-        model.train()
         self._set_requires_grad()
         self._stack = stack
         return self
@@ -298,7 +305,8 @@ class GradientMatcher:
     def __call__(self, x: Tensor, labels: Tensor, *, create_graph: bool = True) -> Tensor:
         """The gradient distance (differentiable w.r.t. ``x`` when ``create_graph``)."""
         dot, sq = self.terms(x, labels, create_graph=create_graph)
-        return distance(dot, sq, self.target_sq, self.cost)
+        value = distance(dot, sq, self.target_sq, self.cost)
+        return value if create_graph else value.detach()
 
     def candidate_gradients(self, x: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """Materialised gradients of the selected parameters as the fast route sees them."""

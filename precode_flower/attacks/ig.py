@@ -45,7 +45,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -187,8 +187,6 @@ def run_ig(
     """Inverting Gradients with validated options; ``attack`` names the result."""
     if batch_size < 1:
         raise ValueError(f"{attack}: batch_size must be >= 1, got {batch_size}")
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
     with Timer() as timer:
         labels, recovered = resolve_labels(model, gradients, labels, batch_size)
         mask = select_parameters(model, opts.layers)
@@ -200,19 +198,12 @@ def run_ig(
             fast=opts.fast,
             noise_seed=seed if opts.noise_seed is None else opts.noise_seed,
         )
-        box = pixel_box(mean, std, device, dtype)
-        shape = (batch_size, *input_shape)
-        runs: list[tuple[float, Tensor, int, bool]] = []
-        rerouted: list[str] = []
-        with matcher:
-            for restart in range(opts.restarts):
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + restart)
-                x0 = initial_images(opts.init, shape, box, gen)
-                if restart == 0:
-                    rerouted = matcher.prepare(x0, labels)
-                runs.append(_optimise(matcher, x0, labels, box, opts, restart))
-        best = min(range(len(runs)), key=lambda i: _nan_last(runs[i][0]))
-        loss, images, iterations, stopped = runs[best]
+        param = next(model.parameters())
+        box = pixel_box(mean, std, param.device, param.dtype)
+        runs, best, rerouted = optimise_restarts(
+            matcher, labels, (batch_size, *input_shape), box, seed, opts
+        )
+    loss, images, iterations, stopped = runs[best]
     return AttackResult(
         attack=attack,
         images=images.cpu(),
@@ -220,13 +211,8 @@ def run_ig(
         loss=loss,
         seconds=timer.seconds,
         info={
-            "iterations": iterations,
-            "restarts": opts.restarts,
-            "best_restart": best,
-            "restart_losses": [r[0] for r in runs],
-            "stopped_early": stopped,
+            **restart_info(runs, best, opts),
             "labels_recovered": recovered,
-            "cost": opts.cost,
             "matched_parameters": list(matcher.names),
             "fast_layers": matcher.fast_layers,
             "rerouted_layers": rerouted,
@@ -234,12 +220,66 @@ def run_ig(
     )
 
 
+class Matcher(Protocol):
+    """What :func:`optimise_restarts` needs of an objective (a context manager)."""
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc: object) -> Any: ...
+
+    def __call__(self, x: Tensor, labels: Tensor, *, create_graph: bool = True) -> Tensor: ...
+
+    def prepare(self, x: Tensor, labels: Tensor) -> list[str]: ...
+
+
+Run = tuple[float, Tensor, int, bool]
+
+
+def optimise_restarts(
+    matcher: Matcher,
+    labels: Tensor,
+    shape: tuple[int, ...],
+    box: tuple[Tensor, Tensor],
+    seed: int,
+    opts: IGOptions,
+) -> tuple[list[Run], int, list[str]]:
+    """All restarts of the image optimisation: (runs, index of the best, rerouted layers).
+
+    Each run is (final objective, images, iterations run, stopped early). Runs on the
+    device and in the dtype of ``box`` (:func:`pixel_box`); restart ``r`` draws its start
+    from a generator seeded with ``(seed, r)``.
+    """
+    runs: list[Run] = []
+    rerouted: list[str] = []
+    with matcher:
+        for restart in range(opts.restarts):
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + restart)
+            x0 = initial_images(opts.init, shape, box, gen)
+            if restart == 0:
+                rerouted = matcher.prepare(x0, labels)
+            runs.append(_optimise(matcher, x0, labels, box, opts, restart))
+    best = min(range(len(runs)), key=lambda i: _nan_last(runs[i][0]))
+    return runs, best, rerouted
+
+
+def restart_info(runs: list[Run], best: int, opts: IGOptions) -> dict[str, Any]:
+    """The ``info`` entries every image-optimisation attack reports."""
+    return {
+        "iterations": runs[best][2],
+        "restarts": opts.restarts,
+        "best_restart": best,
+        "restart_losses": [r[0] for r in runs],
+        "stopped_early": runs[best][3],
+        "cost": opts.cost,
+    }
+
+
 def _nan_last(value: float) -> float:
     return math.inf if math.isnan(value) else value
 
 
 def _optimise(
-    matcher: GradientMatcher,
+    matcher: Matcher,
     x0: Tensor,
     labels: Tensor,
     box: tuple[Tensor, Tensor],
@@ -261,7 +301,7 @@ def _optimise(
     stopped = False
     done = 0
     bar = tqdm(
-        range(opts.iterations), desc=f"ig restart {restart}", disable=not opts.progress, leave=False
+        range(opts.iterations), desc=f"restart {restart}", disable=not opts.progress, leave=False
     )
     for i in bar:
         objective = matcher(x, labels)
