@@ -268,6 +268,19 @@ def test_ig_rejects_bad_options(options: dict, message: str) -> None:
         run_ig(model, grads, torch.tensor([0]), **options)
 
 
+def test_ig_and_fedavg_recover_labels_when_not_given() -> None:
+    model = tiny_mlp()
+    x, y = image(2), torch.tensor([2, 8])
+    grads, _ = compute_gradients(model, x, y)
+    result = run_ig(model, grads, None, batch_size=2, iterations=5)
+    assert result.info["labels_recovered"]
+    assert sorted(result.labels.tolist()) == [2, 8]
+    update = client_update(model, x, y, steps=2, lr=0.1)
+    result = run_fedavg(model, update, None, batch_size=2, iterations=5)
+    assert result.info["labels_recovered"]
+    assert sorted(result.labels.tolist()) == [2, 8]
+
+
 def test_ig_layer_selection() -> None:
     model = tiny_mlp()
     x, y = image(), torch.tensor([4])
