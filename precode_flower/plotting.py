@@ -84,3 +84,68 @@ def image_grid(
     if title:
         fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def plot_leakage(
+    rows: Sequence[Mapping[str, object]],
+    attacks: Sequence[str],
+    path: str | os.PathLike[str],
+    *,
+    success_ssim: float = 0.6,
+    title: str | None = None,
+) -> Path:
+    """Leakage over rounds per attack, from the auditor's ``leakage.jsonl`` rows.
+
+    With ground truth: mean SSIM (with the success threshold), mean PSNR and label accuracy
+    per round. Without (deployment): the attacks' final loss per round, the only
+    reference-free quantity. Rounds where an attack run failed are marked with an x.
+    Like every figure here, the PNG is owner-only.
+    """
+    ok = [r for r in rows if r.get("status") == "ok"]
+    scored = [r for r in ok if r.get("scored")]
+    if scored:
+        panels = [
+            ("ssim", "mean SSIM"),
+            ("psnr", "mean PSNR (dB)"),
+            ("label_accuracy", "label accuracy"),
+        ]
+        use = scored
+    else:
+        panels, use = [("loss", "final attack loss")], ok
+    colors = {a: f"C{i % 10}" for i, a in enumerate(attacks)}
+    fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        for attack in attacks:
+            if key in ("ssim", "psnr") and attack == "labels":
+                continue  # recovers labels only: no image to score
+            by_round: dict[int, list[float]] = {}
+            for r in use:
+                value = r.get(key)
+                if r.get("attack") == attack and value is not None:
+                    by_round.setdefault(int(r["round"]), []).append(float(value))
+            if by_round:
+                xs = sorted(by_round)
+                ys = [sum(by_round[x]) / len(by_round[x]) for x in xs]
+                ax.plot(xs, ys, marker="o", color=colors[attack], label=attack)
+        if key == "ssim":
+            ax.axhline(success_ssim, color="red", linestyle="--", linewidth=1, label="success")
+        if key in ("ssim", "label_accuracy"):
+            ax.set_ylim(-0.05, 1.05)
+        if key == "loss":
+            ax.set_yscale("symlog", linthresh=1e-6)
+        bottom = ax.get_ylim()[0]
+        for attack in attacks:
+            mine = [r for r in rows if r.get("attack") == attack]
+            failed = sorted({int(r["round"]) for r in mine if r.get("status") != "ok"})
+            if failed:
+                ax.plot(failed, [bottom] * len(failed), "x", color=colors[attack], clip_on=False)
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
+    default = "leakage per round" if scored else "attack loss per round (no ground truth)"
+    fig.suptitle(title or default)
+    return save_figure(fig, path, dpi=110)
