@@ -292,9 +292,11 @@ def _run_attack(
     return row, images
 
 
-def _worker_main(conn: Connection, device: str, threads: int) -> None:
+def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None:
     """Worker loop: hold one job's payload, run attacks on it, send rows back."""
     torch.set_num_threads(threads)
+    if nice and hasattr(os, "nice"):
+        os.nice(nice)  # training first: the audit takes the CPU time that training leaves
     dev = torch.device(device)
     conn.send(("ready", os.getpid()))
     payload: dict[str, Any] | None = None
@@ -387,6 +389,8 @@ class LeakageAuditor:
         max_pending: most jobs held (queued or running); a job submitted beyond it is dropped,
             logged, counted in :attr:`dropped` and written as ``dropped`` rows.
         workers, threads: worker processes, and torch threads in each.
+        nice: niceness added to the workers (0-19; Unix). The default lets training win
+            contended CPUs, so the audit slows rounds little and lags behind them instead.
         seed: seeds client sampling and every attack.
         attack_options: extra options per attack, e.g. ``{"ig": {"lr": 0.1}}``.
         progress: show a progress bar while :meth:`close` waits.
@@ -410,6 +414,7 @@ class LeakageAuditor:
         max_pending: int = 16,
         workers: int = 1,
         threads: int = 1,
+        nice: int = 10,
         seed: int = 0,
         attack_options: Mapping[str, Mapping[str, Any]] | None = None,
         progress: bool = True,
@@ -430,6 +435,7 @@ class LeakageAuditor:
         _check_int("max_pending", max_pending, 1)
         _check_int("workers", workers, 1)
         _check_int("threads", threads, 1)
+        _check_int("nice", nice, 0)
         try:
             dev = torch.device(device)
         except RuntimeError as e:
@@ -478,6 +484,7 @@ class LeakageAuditor:
         self._summary: str | None = None
         self._ctx = mp.get_context("spawn")
         self._threads = threads
+        self._nice = min(nice, 19)
         self._workers = [self._start_worker() for _ in range(workers)]
         self._dispatcher = threading.Thread(
             target=self._dispatch_loop, name="leakage-auditor", daemon=True
@@ -811,7 +818,7 @@ class LeakageAuditor:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=_worker_main,
-            args=(child, self.device, self._threads),
+            args=(child, self.device, self._threads, self._nice),
             name="leakage-auditor-worker",
             daemon=True,
         )
