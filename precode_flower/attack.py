@@ -1,0 +1,203 @@
+"""Audit one model against gradient inversion: ``python -m precode_flower.attack``.
+
+Takes test images, computes a client's FedSGD update on each batch (exactly as a client
+would: :func:`precode_flower.training.compute_gradients`), runs the chosen attacks on it
+as an honest-but-curious server would, and prints one JSON line per image and attack::
+
+    python -m precode_flower.attack --model mlp --defense precode --attack analytic,dlg
+
+Fields: dataset, model, defense, attack, batch, index (test-set index), label, psnr, ssim,
+mse, label_correct, success (this image's SSIM >= --success-ssim), recovered, seconds,
+loss. A failing attack prints ``{"error": ...}`` for that batch instead and the others go
+on; the exit status is then 1. ``grid.png`` (owner-only permissions: reconstructions are
+private data) in ``--out`` shows the originals and each attack's matched reconstructions.
+Labels are recovered from the gradient unless ``--known-labels``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import data, metrics, models, plotting, training
+from .attacks import ATTACKS, reconstruct
+from .precode import extend
+
+DEFAULT_ATTACKS = ("analytic", "ig")
+
+
+def _split_attacks(values: Sequence[str] | None) -> list[str]:
+    names: list[str] = []
+    for value in values or [",".join(DEFAULT_ATTACKS)]:
+        for name in value.split(","):
+            name = name.strip()
+            if name and name not in names:
+                names.append(name)
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m precode_flower.attack",
+        description="Run gradient inversion attacks on client updates and score them.",
+    )
+    p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
+    p.add_argument("--data-dir", default=None, help="read the dataset from here only")
+    p.add_argument("--model", default="mlp", choices=models.MODELS)
+    p.add_argument("--defense", default="none", choices=("none", "precode"))
+    p.add_argument("--latent-dim", type=int, default=256, help="PRECODE latent size K")
+    p.add_argument("--beta", type=float, default=1e-3, help="PRECODE KL weight")
+    p.add_argument(
+        "--attack",
+        action="append",
+        metavar="NAME[,NAME...]",
+        help=f"attack(s), repeatable or comma-separated (default: {','.join(DEFAULT_ATTACKS)})",
+    )
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--images", type=int, default=4, help="random test images (seeded)")
+    which.add_argument("--index", type=int, nargs="+", help="test-set indices to attack")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per client update")
+    p.add_argument("--iterations", type=int, default=None, help="for iterative attacks")
+    p.add_argument("--known-labels", action="store_true", help="give attacks the true labels")
+    p.add_argument("--train-steps", type=int, default=0, help="SGD steps before attacking")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--out", type=Path, default=Path("runs/attack"))
+    p.add_argument("--success-ssim", type=float, default=metrics.SUCCESS_SSIM)
+    return p
+
+
+def _accepts(attack: Any, option: str) -> bool:
+    """Whether an attack takes keyword ``option`` (explicitly or through ``**options``)."""
+    params = inspect.signature(attack).parameters.values()
+    return any(p.name == option or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.attacks = _split_attacks(args.attack)
+    unknown = [a for a in args.attacks if a not in ATTACKS]
+    if unknown:
+        parser.error(f"unknown attack {unknown[0]!r}; choose from: {', '.join(sorted(ATTACKS))}")
+    if args.batch_size < 1:
+        parser.error("--batch-size must be >= 1")
+    if args.index is None and args.images < 1:
+        parser.error("--images must be >= 1")
+    if args.iterations is not None and args.iterations < 1:
+        parser.error("--iterations must be >= 1")
+    return args
+
+
+def _emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the audit; returns the exit status (0 ok, 1 some attack failed, 2 usage)."""
+    args = _parse(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    bundle = data.load(args.dataset, args.data_dir)
+    x_test, y_test = training.as_tensors(bundle.test)
+    if args.index is not None:
+        bad = [i for i in args.index if not 0 <= i < len(y_test)]
+        if bad:
+            build_parser().error(f"--index {bad[0]} is outside the test set (0..{len(y_test) - 1})")
+        indices = list(args.index)
+    else:
+        gen = torch.Generator().manual_seed(args.seed)
+        indices = torch.randperm(len(y_test), generator=gen)[: args.images].tolist()
+
+    torch.manual_seed(args.seed)
+    model = models.build(args.model, bundle.num_classes, bundle.input_shape)
+    if args.defense == "precode":
+        extend(model, latent_dim=args.latent_dim, beta=args.beta, input_shape=bundle.input_shape)
+    model.to(device)
+    if args.train_steps:
+        training.train(model, bundle.train, steps=args.train_steps, seed=args.seed, progress=True)
+
+    common = {"dataset": args.dataset, "model": args.model, "defense": args.defense}
+    batches = [indices[i : i + args.batch_size] for i in range(0, len(indices), args.batch_size)]
+    originals = [x_test[idx] for idx in batches]
+    grid: dict[str, list[torch.Tensor]] = {a: [] for a in args.attacks}
+    failed = 0
+    for b, idx in enumerate(tqdm(batches, desc="batches", file=sys.stderr)):
+        x, y = x_test[idx].to(device), y_test[idx].to(device)
+        grads, _ = training.compute_gradients(model, x, y)
+        for name in args.attacks:
+            options: dict[str, Any] = {}
+            if args.iterations is not None and _accepts(ATTACKS[name], "iterations"):
+                options["iterations"] = args.iterations
+            try:
+                result = reconstruct(
+                    name,
+                    model,
+                    grads,
+                    labels=y if args.known_labels else None,
+                    input_shape=bundle.input_shape,
+                    mean=bundle.mean,
+                    std=bundle.std,
+                    batch_size=len(idx),
+                    seed=args.seed,
+                    **options,
+                )
+                scores = metrics.score(
+                    result,
+                    x.cpu(),
+                    y.cpu(),
+                    bundle.mean,
+                    bundle.std,
+                    success_ssim=args.success_ssim,
+                )
+            except Exception as err:  # noqa: BLE001 - report and go on with the other attacks
+                failed += 1
+                _emit(
+                    {
+                        **common,
+                        "attack": name,
+                        "batch": b,
+                        "indices": idx,
+                        "error": f"{type(err).__name__}: {err}",
+                    }
+                )
+                grid[name].append(torch.zeros_like(originals[b]))
+                continue
+            grid[name].append(result.images[torch.as_tensor(scores["match"])])
+            per = scores["per_image"]
+            for i, index in enumerate(idx):
+                correct = per["label_correct"]
+                _emit(
+                    {
+                        **common,
+                        "attack": name,
+                        "batch": b,
+                        "index": index,
+                        "label": int(y_test[index]),
+                        "psnr": per["psnr"][i],
+                        "ssim": per["ssim"][i],
+                        "mse": per["mse"][i],
+                        "label_correct": None if correct is None else correct[i],
+                        "success": per["ssim"][i] >= args.success_ssim,
+                        "recovered": scores["recovered"],
+                        "seconds": scores["seconds"],
+                        "loss": scores["loss"],
+                    }
+                )
+    rows = {"original": torch.cat(originals)}
+    rows.update({name: torch.cat(imgs) for name, imgs in grid.items()})
+    title = f"{args.dataset} / {args.model} / defense: {args.defense} / batch {args.batch_size}"
+    path = plotting.image_grid(rows, bundle.mean, bundle.std, args.out / "grid.png", title=title)
+    print(f"grid: {path}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The attack CLI end to end (subprocess) and its usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from precode_flower import attack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-m", "precode_flower.attack", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_analytic_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = _run("--attack", "analytic", "--images", "2", "--defense", "precode", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2
+    for row in rows:
+        assert row["attack"] == "analytic" and row["defense"] == "precode"
+        assert row["psnr"] > 100 and row["ssim"] > 0.99
+        assert row["label_correct"] is True and row["success"] is True
+    grid = out / "grid.png"
+    assert stat.S_IMODE(grid.stat().st_mode) == 0o600
+
+
+def test_cli_reports_failing_attack_and_goes_on(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    # The analytic attack does not apply to the ConvNet; the label attack still runs.
+    code = attack.main(
+        ["--model", "convnet", "--attack", "analytic,labels", "--images", "1",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 1
+    assert "does not apply" in lines[0]["error"] and lines[0]["attack"] == "analytic"
+    assert lines[1]["attack"] == "labels" and lines[1]["label_correct"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "listed"),
+    [
+        (["--attack", "analytic,nope"], "analytic"),
+        (["--model", "vgg"], "mlp"),
+        (["--dataset", "imagenet"], "cifar10"),
+    ],
+)
+def test_cli_unknown_names_exit_2(args: list[str], listed: str, capsys) -> None:  # noqa: ANN001
+    with pytest.raises(SystemExit) as exc:
+        attack.main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error:" in err and listed in err
