@@ -61,7 +61,7 @@ def test_analytic_batch_claims_only_true_images(cifar: data.DataBundle, precode:
     model = _model("mlp", precode, cifar)
     gen = torch.Generator().manual_seed(1)
     total = 0
-    for batch_size in (4, 4, 16):
+    for batch_size in (4, 8, 8, 16):
         x, y = _batch(cifar, torch.randperm(len(cifar.test), generator=gen)[:batch_size].tolist())
         result = _attack("analytic", model, cifar, x, y)
         k = result.recovered

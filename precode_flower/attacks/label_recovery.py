@@ -33,7 +33,9 @@ reach the classifier, so the defence changes nothing here):
 * ``idlg``: the iDLG trick (Zhao et al., 2020): the row with the most negative sum. It
   assumes the classifier's input is non-negative (after a ReLU). A PRECODE bottleneck
   sits right before the classifier and its decoder output has either sign, so on PRECODE
-  models this fails about half the time; kept for comparison.
+  models this fails often (CIFAR-10, batch 1, 50 images: 58% right on the MLP and 60% on
+  the ConvNet after 200 SGD steps, 4% on the untrained MLP; 100% without PRECODE, and
+  ``weight``/``bias`` 100% in every case); kept for comparison.
 """
 
 from __future__ import annotations
