@@ -67,11 +67,11 @@ def gradient_distance(
     in train mode.
     """
     params = [p for p, keep in zip(model.parameters(), mask, strict=True) if keep]
-    targets_true = [g for g, keep in zip(true_grads, mask, strict=True) if keep]
+    wanted = [g for g, keep in zip(true_grads, mask, strict=True) if keep]
     loss = F.cross_entropy(model(x), targets) + precode_loss(model)
     grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
     total = x.new_zeros(())
-    for g, t in zip(grads, targets_true, strict=True):
+    for g, t in zip(grads, wanted, strict=True):
         diff = t if g is None else g - t
         total = total + diff.pow(2).sum()
     return total
@@ -139,10 +139,17 @@ def dlg(
             return dist.detach()
 
         model.train()
-        done, evaluations, restarts = 0, 1, 0
+        done, evaluations, rounds = 0, 1, 0
         try:
             initial = float(closure())
             while done < iterations:
+                if rounds:
+                    # L-BFGS stopped early (converged or its line search stalled): restart
+                    # it from the best point with a fresh memory.
+                    with torch.no_grad():
+                        for v, b in zip(variables, best["point"], strict=True):
+                            v.copy_(b)
+                rounds += 1
                 # One step() call runs many iterations: re-entering step() with max_iter=1
                 # breaks its strong-Wolfe line search (it stalls with an unchanged loss).
                 opt = torch.optim.LBFGS(
@@ -159,14 +166,9 @@ def dlg(
                 state = opt.state[dummy]
                 done += max(int(state.get("n_iter", 0)), 1)
                 evaluations += int(state.get("func_evals", 0))
-                # L-BFGS stops early when its line search stalls; restart it from the best
-                # point with a fresh memory while that still helps and budget is left.
+                # Restart only while that still helps.
                 if info.get("diverged") or not best["loss"] < before * (1 - 1e-3):
                     break
-                with torch.no_grad():
-                    for v, b in zip(variables, best["point"], strict=True):
-                        v.copy_(b)
-                restarts += 1
         finally:
             model.train(was_training)
             with torch.no_grad():
@@ -175,7 +177,7 @@ def dlg(
     images = best["point"][0]
     if optimize_labels:
         labels = best["point"][1].argmax(1)
-    info.update(iterations=done, evaluations=evaluations, restarts=restarts, initial_loss=initial)
+    info.update(iterations=done, evaluations=evaluations, restarts=rounds - 1, initial_loss=initial)
     return AttackResult(
         attack="dlg",
         images=images.cpu(),
