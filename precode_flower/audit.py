@@ -298,6 +298,10 @@ def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None
     if nice and hasattr(os, "nice"):
         os.nice(nice)  # training first: the audit takes the CPU time that training leaves
     dev = torch.device(device)
+    # Import what scoring needs before reporting ready, so that the first attack's wall time
+    # (and its time limit) does not include seconds of imports (torchmetrics, scipy).
+    from . import metrics  # noqa: F401
+
     conn.send(("ready", os.getpid()))
     payload: dict[str, Any] | None = None
     model: nn.Module | None = None
@@ -389,8 +393,9 @@ class LeakageAuditor:
         max_pending: most jobs held (queued or running); a job submitted beyond it is dropped,
             logged, counted in :attr:`dropped` and written as ``dropped`` rows.
         workers, threads: worker processes, and torch threads in each.
-        nice: niceness added to the workers (0-19; Unix). The default lets training win
-            contended CPUs, so the audit slows rounds little and lags behind them instead.
+        nice: niceness added to the workers (0-19; Unix). The default, the lowest priority,
+            leaves contended CPUs to training: the audit then slows rounds little and lags
+            behind them instead (docs/BENCHMARKS.md: 1.2x slower rounds at 19, 1.8x at 10).
         seed: seeds client sampling and every attack.
         attack_options: extra options per attack, e.g. ``{"ig": {"lr": 0.1}}``.
         progress: show a progress bar while :meth:`close` waits.
@@ -414,7 +419,7 @@ class LeakageAuditor:
         max_pending: int = 16,
         workers: int = 1,
         threads: int = 1,
-        nice: int = 10,
+        nice: int = 19,
         seed: int = 0,
         attack_options: Mapping[str, Mapping[str, Any]] | None = None,
         progress: bool = True,
@@ -490,6 +495,9 @@ class LeakageAuditor:
             target=self._dispatch_loop, name="leakage-auditor", daemon=True
         )
         self._dispatcher.start()
+        # Grids are drawn on their own thread: drawing takes a second, dispatching must not wait.
+        self._drawer = threading.Thread(target=self._draw_loop, name="leakage-grids", daemon=True)
+        self._drawer.start()
 
     def __enter__(self) -> LeakageAuditor:
         return self
@@ -658,6 +666,7 @@ class LeakageAuditor:
             workers, self._workers = self._workers, []
         self._dispatcher.join(timeout=5)
         _stop_workers(workers, graceful=finished)
+        self._drawer.join(timeout=60)
         self._write_due_grids()
         try:
             from .plotting import plot_leakage
@@ -740,8 +749,17 @@ class LeakageAuditor:
 
     # ---- image grids --------------------------------------------------------------------
 
+    def _draw_loop(self) -> None:
+        while True:
+            with self._changed:
+                while not self._grids_due and not self._stopped:
+                    self._changed.wait(0.5)
+                if self._stopped:
+                    return  # close() draws what is left
+            self._write_due_grids()
+
     def _write_due_grids(self) -> None:
-        """Write the grids of completed rounds (called without the lock: it is slow)."""
+        """Write the grids of completed rounds (without the lock held: drawing is slow)."""
         while True:
             with self._lock:
                 if not self._grids_due:
@@ -847,7 +865,6 @@ class LeakageAuditor:
                     self._enforce_time_limit()
                 except Exception:
                     log.exception("audit: dispatcher error while collecting")
-            self._write_due_grids()
 
     def _assign(self) -> None:
         """Send queued tasks to idle, ready workers.
