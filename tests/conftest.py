@@ -96,7 +96,7 @@ def make_message(content, message_type: str, *, src: int = 1, dst: int = 5, roun
 class InProcessGrid:
     """A Flower Grid stand-in that runs a ClientApp in this process, one node per partition.
 
-    ``faulty`` maps a node id to a function rewriting that node's reply (or raising).
+    ``faulty`` maps a node id to a function rewriting that node's train replies (or raising).
     """
 
     def __init__(self, client_app, num_nodes: int, *, faulty=None, node_config=None) -> None:
@@ -131,7 +131,7 @@ class InProcessGrid:
             msg.metadata.__dict__["_message_id"] = f"in-{nid}-{len(self.sent)}"
             try:
                 reply = self.app(msg, self.contexts[nid])
-                if nid in self.faulty:
+                if nid in self.faulty and msg.metadata.message_type == "train":
                     reply = self.faulty[nid](reply)
             except Exception as err:  # as the simulation engine: an error reply
                 from flwr.app import Message

@@ -1,0 +1,288 @@
+"""``Observed``: wrap any Message-API strategy to validate replies and show them to observers.
+
+The wrapper is the server's single inspection point (the honest-but-curious auditor and
+the reliability layer are observers): per round it
+
+1. remembers the arrays and config it sent (:class:`RoundContext`) in ``configure_train``;
+2. in ``aggregate_train`` drops error replies (logging the node id), validates every other
+   reply with a :class:`~strategies.validation.ReplyValidator` (missing records, wrong
+   array names / shapes / dtypes versus what was sent, NaN/Inf, ...), logs each rejection
+   with node id, partition id, round and reason, hands the valid replies (as
+   :class:`ClientReply`) to each observer, and calls the wrapped strategy's
+   ``aggregate_train`` with only the valid reply messages, unchanged;
+3. records per round how many clients were accepted, rejected, failed (error replies) and
+   dropped (no reply before the timeout) in :attr:`Observed.rounds`.
+
+It never changes what is aggregated beyond leaving out invalid replies: ``Observed(FedAvg())``
+aggregates exactly like ``FedAvg()`` given the same valid replies. With
+``sort_replies=True`` the valid replies are passed in a canonical order (partition id,
+then node id) instead of arrival order, which makes floating-point sums, and so whole
+runs, reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from .validation import ReplyValidator
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClientReply", "Observed", "Observer", "RoundContext", "RoundRecord"]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What the server sent this round."""
+
+    server_round: int
+    global_arrays: dict[str, np.ndarray]  # the model the clients received (ordered as sent)
+    train_config: dict[str, Any]  # the ConfigRecord sent with it, as a plain dict
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """One client's reply as the server received it."""
+
+    node_id: int
+    partition_id: int | None  # if the client reported it in its metrics
+    arrays: dict[str, np.ndarray]
+    metrics: dict[str, Any]
+    num_examples: int
+
+
+class Observer(Protocol):
+    def observe(self, context: RoundContext, replies: list[ClientReply]) -> None:
+        """Called once per round with the valid replies; must not block long."""
+        ...
+
+    def close(self) -> None:
+        """Called at the end of the run."""
+        ...
+
+
+@dataclass
+class RoundRecord:
+    """What happened to the replies of one round (for the round log)."""
+
+    server_round: int
+    sent: int = 0
+    clients: int = 0  # accepted and aggregated
+    rejected: int = 0
+    failed: int = 0  # error replies
+    dropped: int = 0  # sent but no reply
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    train_metrics: dict[str, Any] | None = None
+    evaluate_clients: int = 0
+    evaluate_failed: int = 0
+    evaluate_metrics: dict[str, Any] | None = None
+
+
+def _partition_of(msg: Message, key: str) -> int | None:
+    try:
+        pid = msg.content[key]["partition-id"]
+    except Exception:  # noqa: BLE001 - any malformed content simply has no partition id
+        return None
+    return int(pid) if isinstance(pid, int | float) and not isinstance(pid, bool) else None
+
+
+def _sort_key(pid: int | None, node_id: int) -> tuple[int, int, int]:
+    return (pid is None, pid if pid is not None else 0, node_id)
+
+
+class Observed(Strategy):
+    """Wraps ``strategy``: validates train replies and shows the valid ones to ``observers``.
+
+    Every Strategy method is delegated to ``strategy``; attributes not defined here are
+    read from it too. ``validator`` defaults to :meth:`ReplyValidator.default` with the
+    wrapped strategy's ``reply_keys`` (FedSGD replies carry only parameter names) and
+    ``weighted_by_key`` when it has them.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        observers: Sequence[Observer] = (),
+        validator: ReplyValidator | None = None,
+        *,
+        sort_replies: bool = False,
+    ) -> None:
+        self.strategy = strategy
+        self.observers = list(observers)
+        self.validator = validator or ReplyValidator.default(
+            reply_keys=getattr(strategy, "reply_keys", None),
+            weighted_by_key=getattr(strategy, "weighted_by_key", "num-examples"),
+        )
+        self.sort_replies = sort_replies
+        self.rounds: dict[int, RoundRecord] = {}
+        self._contexts: dict[int, RoundContext] = {}
+        self._sent: dict[int, set[int]] = {}
+        self._closed = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Only called for attributes not found normally: expose the wrapped strategy's.
+        if name == "strategy":
+            raise AttributeError(name)
+        return getattr(self.strategy, name)
+
+    def record(self, server_round: int) -> RoundRecord:
+        """The round's record (created on first use)."""
+        return self.rounds.setdefault(server_round, RoundRecord(server_round))
+
+    # --- Strategy API ---------------------------------------------------------------------
+
+    def summary(self) -> None:
+        self.strategy.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages = list(self.strategy.configure_train(server_round, arrays, config, grid))
+        sent_arrays, sent_config = arrays, config
+        if messages and messages[0].has_content():
+            content = messages[0].content
+            if content.array_records:
+                sent_arrays = content.array_records.get(
+                    "arrays", next(iter(content.array_records.values()))
+                )
+            if content.config_records:
+                sent_config = content.config_records.get(
+                    "config", next(iter(content.config_records.values()))
+                )
+        self._contexts[server_round] = RoundContext(
+            server_round=server_round,
+            global_arrays={k: v.numpy() for k, v in sent_arrays.items()},
+            train_config=dict(sent_config),
+        )
+        self._sent[server_round] = {m.metadata.dst_node_id for m in messages}
+        self.record(server_round).sent = len(messages)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        context = self._contexts.pop(server_round, None) or RoundContext(server_round, {}, {})
+        rec = self.record(server_round)
+        sent = self._sent.pop(server_round, set())
+        rec.dropped = len(sent - {m.metadata.src_node_id for m in replies}) if sent else 0
+        akey, mkey = self.validator.array_record_key, self.validator.metric_record_key
+
+        candidates: list[tuple[Message, ClientReply]] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                reason = msg.error.reason
+                rec.failures.append({"node_id": node, "reason": reason})
+                log.warning("round %d: client node %d failed: %s", server_round, node, reason)
+                continue
+            reason = self.validator.check_message(msg)
+            reply = None
+            if reason is None:
+                try:
+                    reply = self._to_reply(msg, akey, mkey)
+                except Exception as err:  # noqa: BLE001 - undecodable arrays are a rejection
+                    reason = f"cannot decode reply: {err}"
+            if reply is not None:
+                reason = self.validator.check_reply(context, reply)
+            if reason:
+                self._reject(rec, node, _partition_of(msg, mkey), reason)
+                continue
+            candidates.append((msg, reply))  # type: ignore[arg-type]
+
+        late = self.validator.check_round(context, [r for _, r in candidates])
+        for i, reason in sorted(late.items()):
+            self._reject(rec, candidates[i][1].node_id, candidates[i][1].partition_id, reason)
+        valid = [c for i, c in enumerate(candidates) if i not in late]
+        if self.sort_replies:
+            valid.sort(key=lambda c: _sort_key(c[1].partition_id, c[1].node_id))
+        rec.clients = len(valid)
+        rec.failed = len(rec.failures)
+        rec.rejected = len(rec.rejections)
+        log.info(
+            "round %d: %d replies accepted, %d rejected, %d failed, %d dropped",
+            server_round,
+            rec.clients,
+            rec.rejected,
+            rec.failed,
+            rec.dropped,
+        )
+
+        accepted = [r for _, r in valid]
+        for observer in self.observers:
+            try:
+                observer.observe(context, accepted)
+            except Exception:  # an observer must never stop training
+                log.exception("round %d: observer %r raised", server_round, observer)
+
+        arrays, metrics = self.strategy.aggregate_train(server_round, [m for m, _ in valid])
+        rec.train_metrics = dict(metrics) if metrics is not None else None
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        if self.sort_replies:
+            replies.sort(
+                key=lambda m: _sort_key(_partition_of(m, "metrics"), m.metadata.src_node_id)
+            )
+        rec = self.record(server_round)
+        rec.evaluate_failed = sum(m.has_error() for m in replies)
+        rec.evaluate_clients = len(replies) - rec.evaluate_failed
+        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        rec.evaluate_metrics = dict(metrics) if metrics is not None else None
+        return metrics
+
+    # --- helpers --------------------------------------------------------------------------
+
+    @staticmethod
+    def _to_reply(msg: Message, akey: str, mkey: str) -> ClientReply:
+        metrics = dict(msg.content[mkey])
+        pid = metrics.get("partition-id")
+        weight = metrics.get("num-examples", 0)
+        return ClientReply(
+            node_id=msg.metadata.src_node_id,
+            partition_id=int(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None,
+            arrays={k: v.numpy() for k, v in msg.content[akey].items()},
+            metrics=metrics,
+            num_examples=int(weight)
+            if isinstance(weight, int | float) and math.isfinite(weight)
+            else 0,
+        )
+
+    def _reject(self, rec: RoundRecord, node: int, pid: int | None, reason: str) -> None:
+        rec.rejections.append({"node_id": node, "partition_id": pid, "reason": reason})
+        log.warning(
+            "round %d: rejected reply of node %d (partition %s): %s",
+            rec.server_round,
+            node,
+            pid if pid is not None else "?",
+            reason,
+        )
+
+    def close(self) -> None:
+        """Close every observer (once); call at the end of the run."""
+        if self._closed:
+            return
+        self._closed = True
+        for observer in self.observers:
+            try:
+                observer.close()
+            except Exception:
+                log.exception("observer %r raised on close", observer)
