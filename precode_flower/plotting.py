@@ -149,3 +149,42 @@ def plot_leakage(
     default = "leakage per round" if scored else "attack loss per round (no ground truth)"
     fig.suptitle(title or default)
     return save_figure(fig, path, dpi=110)
+
+
+def plot_accuracy(
+    rows: Sequence[Mapping[str, object]],
+    path: str | os.PathLike[str],
+    *,
+    initial_accuracy: float | None = None,
+    title: str | None = None,
+) -> Path:
+    """Test accuracy per round of a federation, from its ``rounds.jsonl`` rows.
+
+    Plots ``test_accuracy`` (the global model on the whole test split; ``initial_accuracy``
+    is drawn at round 0) and, where present, ``client_eval_accuracy`` (the weighted mean of
+    the clients' evaluations on their test shares).
+    """
+    fig = Figure(figsize=(5, 3.4), layout="constrained")
+    ax = fig.subplots()
+    xs = [int(r["round"]) for r in rows]  # type: ignore[call-overload]
+    central = [float(r["test_accuracy"]) for r in rows]  # type: ignore[arg-type]
+    if initial_accuracy is not None:
+        xs, central = [0, *xs], [float(initial_accuracy), *central]
+    ax.plot(xs, central, marker="o", label="global model, test split")
+    client = [(int(r["round"]), r.get("client_eval_accuracy")) for r in rows]  # type: ignore[call-overload]
+    client = [(x, float(y)) for x, y in client if y is not None]  # type: ignore[arg-type]
+    if client:
+        ax.plot(
+            [x for x, _ in client],
+            [y for _, y in client],
+            marker="s",
+            linestyle="--",
+            label="clients' test shares (weighted)",
+        )
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize="small")
+    fig.suptitle(title or "test accuracy per round")
+    return save_figure(fig, path, dpi=110)
