@@ -1,0 +1,486 @@
+"""The server side of a federation: Flower's ServerApp, and a CLI that submits it to a SuperLink.
+
+``app`` (``server:app``) is the ServerApp that ``flwr run .`` and the SuperLink execute; it
+reads the run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable with
+``--run-config``), trains for ``rounds`` rounds with FedAvg (Flower's) or FedSGD (ours),
+both wrapped in :class:`strategies.Observed`, evaluates the global model centrally after
+every round, and writes to ``out-dir``: ``config.json``, ``rounds.jsonl`` (one JSON object
+per round), ``summary.json``, ``accuracy.png`` and ``model.pt`` (the final state dict).
+
+``python server.py --superlink HOST:PORT --insecure [training flags]`` submits that app
+to a running SuperLink (which runs the ServerApp) and streams its log until the run ends.
+It calls ``flwr run`` with a throw-away ``FLWR_HOME`` holding a single SuperLink connection,
+so no Flower config file needs editing (``--connection NAME`` uses a connection from your
+own ``$FLWR_HOME/config.toml`` instead). Deployment, step by step (all on 127.0.0.1)::
+
+    flower-superlink --insecure --host 127.0.0.1 --port 9093 \\
+        --disable-runtime-dependency-installation
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9094 \\
+        --node-config "partition-id=0 num-partitions=2"
+    flower-supernode --insecure --superlink 127.0.0.1:9093 --port 9095 \\
+        --node-config "partition-id=1 num-partitions=2"
+    python server.py --superlink 127.0.0.1:9093 --insecure --clients 2 --rounds 2 --out runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg, Strategy
+from tqdm.auto import tqdm
+
+from precode_flower import data as data_mod
+from precode_flower import task
+from precode_flower.defenses import DEFENSES, parse_defenses
+from precode_flower.models import MODELS
+from precode_flower.partition import SCHEMES
+from precode_flower.plotting import plot_accuracy
+from precode_flower.training import evaluate
+from strategies import FedSGD, Observed, Observer, aggregate_metrics
+
+log = logging.getLogger("precode_flower.server")
+
+APP_DIR = Path(__file__).resolve().parent
+
+
+# --------------------------------------------------------------------------------------------
+# The federation (shared by simulation and deployment)
+
+
+def make_strategy(cfg: task.RunConfig, param_keys: Sequence[str]) -> Strategy:
+    """Flower's FedAvg (mode fedavg) or our FedSGD (mode fedsgd), sampling ``fraction``."""
+    common: dict[str, Any] = dict(
+        fraction_train=cfg.fraction,
+        fraction_evaluate=cfg.fraction_evaluate,
+        # The fractions decide how many are sampled; wait until all `clients` are connected.
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=cfg.clients,
+        train_metrics_aggr_fn=aggregate_metrics,
+        evaluate_metrics_aggr_fn=aggregate_metrics,
+    )
+    if cfg.mode == "fedsgd":
+        return FedSGD(
+            param_keys=param_keys,
+            server_lr=cfg.server_lr,
+            server_momentum=cfg.server_momentum,
+            optimizer=cfg.server_optimizer,
+            **common,
+        )
+    return FedAvg(**common)
+
+
+class RoundLog:
+    """Writes ``rounds.jsonl`` and the per-round progress line, from the central evaluation.
+
+    Flower calls the central evaluation once before training (round 0) and after each
+    round, after client training and evaluation; so at that point the round's record in
+    :attr:`Observed.rounds` is complete.
+    """
+
+    def __init__(self, out_dir: Path, observed: Observed, rounds: int, progress: bool) -> None:
+        self.path = out_dir / "rounds.jsonl"
+        self.path.write_text("")
+        self.observed = observed
+        self.rounds = rounds
+        self.rows: list[dict[str, Any]] = []
+        self.initial: dict[str, float] = {}
+        self.bar = tqdm(
+            total=rounds, desc="rounds", unit="round", disable=None if progress else True
+        )
+        self._last = time.perf_counter()
+
+    def on_evaluation(self, server_round: int, loss: float, accuracy: float) -> None:
+        now = time.perf_counter()
+        if server_round == 0:
+            self.initial = {"test_loss": loss, "test_accuracy": accuracy}
+            self._last = now
+            return
+        rec = self.observed.record(server_round)
+        train = rec.train_metrics or {}
+        ev = rec.evaluate_metrics or {}
+        row = {
+            "round": server_round,
+            "clients": rec.clients,
+            "rejected": rec.rejected,
+            "failed": rec.failed,
+            "dropped": rec.dropped,
+            "train_loss": train.get("train-loss"),
+            "train_accuracy": train.get("train-accuracy"),
+            "client_eval_loss": ev.get("eval-loss"),
+            "client_eval_accuracy": ev.get("eval-accuracy"),
+            "test_loss": loss,
+            "test_accuracy": accuracy,
+            "seconds": round(now - self._last, 3),
+            "rejections": rec.rejections,
+            "failures": rec.failures,
+        }
+        self._last = now
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.bar.update(1)
+        tl = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "n/a"
+        extra = (
+            f" (rejected {rec.rejected}, failed {rec.failed})" if rec.rejected or rec.failed else ""
+        )
+        tqdm.write(
+            f"round {server_round}/{self.rounds}: {rec.clients} clients replied{extra}, "
+            f"train loss {tl}, test accuracy {accuracy:.4f} ({row['seconds']:.1f} s)"
+        )
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_federation(
+    grid: Grid,
+    cfg: task.RunConfig,
+    out_dir: str | Path,
+    *,
+    observers: Sequence[Observer] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train ``cfg.rounds`` rounds on ``grid``; write the run's files to ``out_dir``.
+
+    Returns the summary (also written to ``summary.json``).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_config(), indent=2) + "\n")
+    bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
+    model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=cfg.seed)
+    param_keys = [n for n, _ in model.named_parameters()]
+    observed = Observed(make_strategy(cfg, param_keys), observers, sort_replies=True)
+    round_log = RoundLog(out, observed, cfg.rounds, progress)
+
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        task.load_state(model, arrays.to_torch_state_dict())
+        stats = evaluate(model, bundle.test)
+        round_log.on_evaluation(server_round, stats.loss, stats.accuracy)
+        return MetricRecord({"test-loss": stats.loss, "test-accuracy": stats.accuracy})
+
+    random.seed(cfg.seed)  # Flower samples nodes with the `random` module
+    started = time.perf_counter()
+    try:
+        result = observed.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.rounds,
+            timeout=cfg.round_timeout,
+            train_config=ConfigRecord(cfg.to_config()),
+            evaluate_config=ConfigRecord(cfg.to_config()),
+            evaluate_fn=central_evaluation,
+        )
+    finally:
+        observed.close()
+        round_log.close()
+    final = result.arrays if result.arrays is not None and len(result.arrays) else None
+    if final is not None:
+        torch.save(final.to_torch_state_dict(), out / "model.pt")
+    summary = {
+        "rounds": len(round_log.rows),
+        "initial": round_log.initial,
+        "final_test_accuracy": round_log.rows[-1]["test_accuracy"] if round_log.rows else None,
+        "seconds": round(time.perf_counter() - started, 3),
+        "data_source": bundle.source,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        plot_accuracy(
+            round_log.rows,
+            out / "accuracy.png",
+            initial_accuracy=round_log.initial.get("test_accuracy"),
+            title=f"{cfg.mode} {cfg.model} on {cfg.dataset}, {cfg.clients} clients, "
+            f"defenses: {','.join(cfg.defenses) or 'none'}",
+        )
+    except Exception:  # a missing plot must not fail a finished run
+        log.exception("could not write accuracy.png")
+    return summary
+
+
+def default_out_dir() -> Path:
+    return Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def make_server_app(
+    cfg: task.RunConfig,
+    out_dir: str | Path,
+    *,
+    observers: Sequence[Observer] = (),
+    progress: bool = True,
+) -> ServerApp:
+    """A ServerApp that runs ``cfg`` (for ``run_simulation``, which ignores run configs)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg, out_dir, observers=observers, progress=progress)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of ``flwr run`` / the SuperLink: the config comes from the run config."""
+    cfg = task.RunConfig.from_mapping(context.run_config)
+    out = str(cfg.extra.get("out-dir") or "") or default_out_dir()
+    run_federation(grid, cfg, out, progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Command-line flags (shared with simulate.py)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line (``prog: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _defense_list(value: str) -> str:
+    try:
+        parse_defenses(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+
+def add_training_args(parser: argparse.ArgumentParser, *, default_clients: int) -> None:
+    """The training flags of simulate.py and server.py (defaults: :class:`task.RunConfig`)."""
+    d = task.RunConfig()
+    lower = str.lower
+    g = parser.add_argument_group("training")
+    g.add_argument(
+        "--clients", type=_positive_int, default=default_clients, help="number of clients"
+    )
+    g.add_argument("--rounds", type=_positive_int, default=d.rounds)
+    g.add_argument("--mode", type=lower, choices=task.MODES, default=d.mode)
+    g.add_argument("--dataset", type=lower, choices=data_mod.DATASETS, default=d.dataset)
+    g.add_argument(
+        "--data-dir", default="", help="dataset directory (default: data pack, else embedded)"
+    )
+    g.add_argument("--model", type=lower, choices=MODELS, default=d.model)
+    g.add_argument(
+        "--defense",
+        action="append",
+        type=_defense_list,
+        metavar="NAME[,NAME]",
+        help=f"repeatable or comma list; one of: {', '.join(DEFENSES)} (default: none)",
+    )
+    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
+    g.add_argument("--local-epochs", type=float, default=d.local_epochs, help="FedAvg local epochs")
+    g.add_argument(
+        "--local-steps",
+        type=int,
+        default=d.local_steps,
+        help="FedAvg local steps (>0 overrides epochs)",
+    )
+    g.add_argument("--lr", type=float, default=d.lr, help="client SGD learning rate (FedAvg)")
+    g.add_argument("--momentum", type=float, default=d.momentum, help="client SGD momentum")
+    g.add_argument(
+        "--server-lr", type=float, default=d.server_lr, help="FedSGD server learning rate"
+    )
+    g.add_argument("--server-momentum", type=float, default=d.server_momentum)
+    g.add_argument(
+        "--server-optimizer", type=lower, choices=task.SERVER_OPTIMIZERS, default=d.server_optimizer
+    )
+    g.add_argument("--partition", type=lower, choices=SCHEMES, default=d.partition)
+    g.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
+    g.add_argument("--classes-per-client", type=_positive_int, default=d.classes_per_client)
+    g.add_argument(
+        "--fraction", type=float, default=d.fraction, help="fraction of clients per round"
+    )
+    g.add_argument("--fraction-evaluate", type=float, default=d.fraction_evaluate)
+    g.add_argument("--clip", type=float, default=d.clip, help="noise defense: L2 clipping bound C")
+    g.add_argument("--sigma", type=float, default=d.sigma, help="noise defense: std = sigma * C")
+    g.add_argument(
+        "--prune-rate", type=float, default=d.prune_rate, help="prune defense: fraction zeroed"
+    )
+    g.add_argument(
+        "--latent-dim", type=_positive_int, default=d.latent_dim, help="PRECODE latent size"
+    )
+    g.add_argument("--beta", type=float, default=d.beta, help="PRECODE KL weight")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument(
+        "--audit-ground-truth",
+        action="store_true",
+        help="clients also report the train-split indices they used (evaluation only)",
+    )
+    g.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds per round")
+    g.add_argument("--fault-injection", default="", help=argparse.SUPPRESS)
+    g.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> task.RunConfig:
+    """The RunConfig of parsed flags; invalid combinations exit via ``parser.error``."""
+    try:
+        return task.RunConfig(
+            mode=args.mode,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            model=args.model,
+            defenses=parse_defenses(args.defense or ()),
+            latent_dim=args.latent_dim,
+            beta=args.beta,
+            clip=args.clip,
+            sigma=args.sigma,
+            prune_rate=args.prune_rate,
+            batch_size=args.batch_size,
+            local_epochs=args.local_epochs,
+            local_steps=args.local_steps,
+            lr=args.lr,
+            momentum=args.momentum,
+            server_optimizer=args.server_optimizer,
+            server_lr=args.server_lr,
+            server_momentum=args.server_momentum,
+            partition=args.partition,
+            alpha=args.alpha,
+            classes_per_client=args.classes_per_client,
+            clients=args.clients,
+            rounds=args.rounds,
+            fraction=args.fraction,
+            fraction_evaluate=args.fraction_evaluate,
+            seed=args.seed,
+            audit_ground_truth=args.audit_ground_truth,
+            round_timeout=args.round_timeout,
+            fault_injection=args.fault_injection,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+        raise  # unreachable: parser.error exits
+
+
+# --------------------------------------------------------------------------------------------
+# Submitting the app to a SuperLink
+
+
+def _toml_value(v: bool | int | float | str) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return json.dumps(v)  # a JSON string is a valid TOML basic string
+
+
+def flwr_config_toml(address: str, *, insecure: bool, root_certificates: str | None) -> str:
+    """A Flower ``config.toml`` with one default SuperLink connection named ``target``."""
+    lines = ["[superlink]", 'default = "target"', "", "[superlink.target]"]
+    lines.append(f"address = {json.dumps(address)}")
+    if insecure:
+        lines.append("insecure = true")
+    if root_certificates:
+        lines.append(f"root-certificates = {json.dumps(str(Path(root_certificates).resolve()))}")
+    return "\n".join(lines) + "\n"
+
+
+def submit(
+    run_config: dict[str, bool | int | float | str],
+    *,
+    superlink: str | None,
+    insecure: bool = False,
+    root_certificates: str | None = None,
+    connection: str | None = None,
+    stream: bool = True,
+    app_dir: Path = APP_DIR,
+) -> int:
+    """``flwr run app_dir`` against a SuperLink with ``run_config``; returns its exit status."""
+    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    with tempfile.TemporaryDirectory(prefix="precode-flwr-") as tmp:
+        env = dict(os.environ)
+        overrides = Path(tmp) / "run_config.toml"
+        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+        if connection is None:
+            home = Path(tmp) / "home"
+            home.mkdir()
+            (home / "config.toml").write_text(
+                flwr_config_toml(
+                    superlink or "", insecure=insecure, root_certificates=root_certificates
+                )
+            )
+            env["FLWR_HOME"] = str(home)
+            connection = "target"
+        cmd = [flwr, "run", str(app_dir), connection, "--run-config", str(overrides)]
+        if stream:
+            cmd.append("--stream")
+        print("$", shlex.join(cmd), flush=True)
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="server.py",
+        description="Submit the PRECODE federation to a running Flower SuperLink.",
+    )
+    c = parser.add_argument_group("connection")
+    c.add_argument(
+        "--superlink", default="127.0.0.1:9093", help="SuperLink address host:port (Control API)"
+    )
+    c.add_argument("--insecure", action="store_true", help="plain HTTP (no TLS)")
+    c.add_argument("--root-certificates", default=None, help="CA certificate (PEM) for TLS")
+    c.add_argument(
+        "--connection",
+        default=None,
+        help="use this named connection from $FLWR_HOME/config.toml instead of --superlink",
+    )
+    c.add_argument("--no-stream", action="store_true", help="return after submitting")
+    add_training_args(parser, default_clients=2)
+    return parser
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_args(parser, args)
+    if not args.insecure and not args.root_certificates and args.connection is None:
+        parser.error("give --insecure, or --root-certificates CA.pem for TLS")
+    run_config: dict[str, bool | int | float | str] = dict(cfg.to_config())
+    out = Path(args.out) if args.out else default_out_dir()
+    # The ServerApp runs in the SuperLink's process tree: give it an absolute path.
+    run_config["out-dir"] = str(out.resolve())
+    code = submit(
+        run_config,
+        superlink=args.superlink,
+        insecure=args.insecure,
+        root_certificates=args.root_certificates,
+        connection=args.connection,
+        stream=not args.no_stream,
+    )
+    if code == 0 and not args.no_stream:
+        print(f"results: {out.resolve()}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,183 @@
+"""Run a whole federation on one machine with Flower's simulation engine (Ray).
+
+    python simulate.py --clients 10                       # FedAvg, MLP, CIFAR-10, 3 rounds
+    python simulate.py --mode fedsgd --defense precode --rounds 5
+    python simulate.py --defense noise,prune --sigma 0.05 --partition dirichlet --alpha 0.3
+
+Clients are Flower ``ClientApp`` instances run by Ray actors (1 CPU each by default, so
+there are as many parallel clients as cores); the ServerApp runs in this process and
+evaluates the global model on the test split after each round. Results go to ``--out``
+(default ``runs/<timestamp>``): ``config.json``, ``rounds.jsonl``, ``summary.json``,
+``accuracy.png``, ``model.pt``.
+
+Ray: a private local Ray instance that listens on 127.0.0.1 only (dashboard off, temp dir
+under the system temp dir, removed afterwards) unless ``--ray-address`` names a running
+cluster, e.g. a single-machine one started with::
+
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address 127.0.0.1 \\
+        --port 6379 --num-cpus 2 --include-dashboard false --temp-dir /tmp/ray-head
+    python simulate.py --ray-address 127.0.0.1:6379
+    ray stop        # stops every Ray process of this user on the machine
+
+Why the environment variable: Ray 2.55's ``ray.init`` replaces a loopback
+``_node_ip_address`` by the machine's external address, and its gRPC servers then listen
+on all interfaces. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's switch for single-node
+use) keeps the node address, and so every listener, on 127.0.0.1. simulate.py sets it for
+its own instance and for loopback ``--ray-address``; a multi-machine cluster needs it unset.
+
+The data comes from :func:`precode_flower.data.load` (``--data-dir``, else the offline data
+pack, else the CIFAR-10 default embedded in the package). ``run_simulation`` ignores the
+pyproject run config, so the config is passed to the ServerApp directly and reaches the
+clients in each round's ConfigRecord.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from server import OneLineParser, add_training_args, config_from_args, default_out_dir
+
+LOOPBACK = {"127.0.0.1", "localhost"}
+
+
+def backend_config(
+    *,
+    ray_address: str | None,
+    temp_dir: str | None,
+    client_cpus: float,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Flower's Ray backend config: local 127.0.0.1 instance, or an existing cluster."""
+    init_args: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "INFO" if verbose else "ERROR",
+        "log_to_driver": verbose,
+    }
+    if ray_address:
+        init_args["address"] = ray_address
+        host = ray_address.rsplit(":", 1)[0]
+        if host in LOOPBACK:
+            init_args["_node_ip_address"] = "127.0.0.1"
+        # The cluster has its own temp dir and dashboard setting; ray.init refuses both here.
+        del init_args["include_dashboard"]
+    else:
+        init_args["_node_ip_address"] = "127.0.0.1"
+        init_args["num_cpus"] = os.cpu_count() or 1
+        if temp_dir:
+            init_args["_temp_dir"] = temp_dir
+    return {
+        "init_args": init_args,
+        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
+    }
+
+
+class _DropDeprecation(logging.Filter):
+    """Hide Flower's notice that ``run_simulation`` is deprecated (we use it on purpose)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _configure_logging(verbose: bool) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for name in ("strategies", "precode_flower", "clients"):
+        logger = logging.getLogger(name)
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
+    for h in flwr_logger.handlers:
+        h.addFilter(_DropDeprecation())
+
+
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
+        prog="simulate.py", description="Simulate a PRECODE federation with Flower + Ray."
+    )
+    add_training_args(parser, default_clients=10)
+    r = parser.add_argument_group("simulation")
+    r.add_argument(
+        "--ray-address", default=None, help="run on an existing Ray cluster (host:port or auto)"
+    )
+    r.add_argument(
+        "--client-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs per client actor (<= the machine's; fewer means more parallel clients)",
+    )
+    r.add_argument(
+        "--ray-temp-dir",
+        default=None,
+        help="temp dir of the local Ray instance (default: a fresh tmp dir, removed afterwards)",
+    )
+    r.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    cfg = config_from_args(parser, args)
+    cpus = os.cpu_count() or 1
+    if not 0 < args.client_cpus <= cpus and args.ray_address is None:
+        parser.error(f"--client-cpus must be in (0, {cpus}] on this machine")
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    if args.ray_address is None or args.ray_address.rsplit(":", 1)[0] in LOOPBACK:
+        # Must be set before Ray is imported; see the module docstring.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
+    out = Path(args.out) if args.out else default_out_dir()
+
+    _configure_logging(args.verbose)
+
+    # Imported after the flags are checked: Flower, Ray and torch take seconds to import.
+    from flwr.simulation import run_simulation
+
+    from clients.client_app import app as client_app
+    from server import make_server_app
+
+    own_tmp = temp_dir = None
+    if args.ray_address is None:
+        temp_dir = args.ray_temp_dir
+        if temp_dir is None:
+            # Short path: Ray's unix sockets live under it (path length limit ~107 bytes).
+            temp_dir = own_tmp = tempfile.mkdtemp(prefix="ray-")
+        temp_dir = str(Path(temp_dir).resolve())
+        Path(temp_dir).mkdir(parents=True, exist_ok=True)
+        os.environ["RAY_TMPDIR"] = temp_dir  # also Ray's files outside the session dir
+    started = time.perf_counter()
+    try:
+        run_simulation(
+            server_app=make_server_app(cfg, out, progress=not args.no_progress),
+            client_app=client_app,
+            num_supernodes=cfg.clients,
+            backend_name="ray",
+            backend_config=backend_config(
+                ray_address=args.ray_address,
+                temp_dir=temp_dir,
+                client_cpus=args.client_cpus,
+                verbose=args.verbose,
+            ),
+            verbose_logging=args.verbose,
+        )
+    finally:
+        if own_tmp:
+            shutil.rmtree(own_tmp, ignore_errors=True)
+    rounds = out / "rounds.jsonl"
+    done = len(rounds.read_text().splitlines()) if rounds.exists() else 0
+    print(f"{done}/{cfg.rounds} rounds in {time.perf_counter() - started:.1f} s; results in {out}")
+    return 0 if done == cfg.rounds else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

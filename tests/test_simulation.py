@@ -1,0 +1,227 @@
+"""simulate.py: flags, the server-side run loop in-process, and Ray end-to-end runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import simulate
+from clients.client_app import app as client_app
+from precode_flower import task
+from server import run_federation
+
+REPO = Path(__file__).resolve().parents[1]
+ROUND_KEYS = {"round", "clients", "rejected", "failed", "train_loss", "test_accuracy", "seconds"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--model", "vgg"], "convnet"),
+        (["--dataset", "imagenet"], "fashion-mnist"),
+        (["--defense", "dp"], "choose from: none, precode, noise, prune"),
+        (["--mode", "fedprox"], "fedsgd"),
+        (["--partition", "zipf"], "dirichlet"),
+        (["--server-optimizer", "lion"], "adam"),
+        (["--clients", "0"], "positive integer"),
+        (["--fraction", "1.5"], "fraction must be in (0, 1]"),
+        (["--prune-rate", "1"], "prune-rate"),
+        (["--rounds", "two"], "positive integer"),
+        (["--client-cpus", "999"], "--client-cpus"),
+    ],
+)
+def test_bad_flags_give_one_line_and_exit_2(argv, fragment, capsys) -> None:
+    with pytest.raises(SystemExit) as exc:
+        simulate.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("simulate.py: error:") and fragment in err
+
+
+def test_backend_config_is_local_and_bounded() -> None:
+    local = simulate.backend_config(ray_address=None, temp_dir="/tmp/x", client_cpus=1.0)
+    assert local["init_args"]["_node_ip_address"] == "127.0.0.1"
+    assert local["init_args"]["include_dashboard"] is False
+    assert local["init_args"]["_temp_dir"] == "/tmp/x"
+    assert local["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    remote = simulate.backend_config(ray_address="127.0.0.1:6379", temp_dir=None, client_cpus=0.5)
+    assert remote["init_args"]["address"] == "127.0.0.1:6379"
+    assert "num_cpus" not in remote["init_args"] and "_temp_dir" not in remote["init_args"]
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("mode", ["fedsgd", "fedavg"])
+def test_same_seed_same_numbers_and_faults_are_absorbed(mode, tmp_path, inprocess_grid) -> None:
+    """The ServerApp's loop (strategy, validation, round log) in-process, without Ray."""
+    cfg = task.RunConfig(
+        mode=mode,
+        clients=3,
+        rounds=2,
+        batch_size=16,
+        local_steps=2,
+        fault_injection="nan:1:2,shape:2:1",
+        audit_ground_truth=True,
+    )
+    runs = []
+    for i in range(2):
+        grid = inprocess_grid(client_app, 3)
+        run_federation(grid, cfg, tmp_path / f"run{i}", progress=False)
+        runs.append(_rows(tmp_path / f"run{i}"))
+    assert _without_timing(runs[0]) == _without_timing(runs[1])
+    first, second = runs[0]
+    assert (first["clients"], first["rejected"], first["failed"]) == (2, 1, 0)
+    assert (second["clients"], second["rejected"]) == (2, 1)
+    assert "shape" in first["rejections"][0]["reason"]
+    assert first["rejections"][0]["partition_id"] == 2
+    assert "NaN" in second["rejections"][0]["reason"]
+    model = torch.load(tmp_path / "run0" / "model.pt", weights_only=True)
+    assert all(torch.isfinite(t.float()).all() for t in model.values())
+    assert json.loads((tmp_path / "run0" / "config.json").read_text())["mode"] == mode
+
+
+def _simulate(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "simulate.py", "--no-progress", *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.slow
+def test_ray_simulation_end_to_end(tmp_path, flower_env) -> None:
+    out = tmp_path / "run"
+    proc = _simulate(
+        [
+            "--clients", "3",
+            "--rounds", "2",
+            "--local-steps", "2",
+            "--audit-ground-truth",
+            "--fault-injection", "nan:1:2,raise:2:2",
+            "--out", str(out),
+            "--ray-temp-dir", str(flower_env / "ray" / "e2e"),
+        ],
+        timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert ROUND_KEYS <= set(r)
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and r["seconds"] > 0
+        assert math.isfinite(r["train_loss"])
+    assert (rows[0]["clients"], rows[0]["rejected"], rows[0]["failed"]) == (3, 0, 0)
+    assert (rows[1]["clients"], rows[1]["rejected"], rows[1]["failed"]) == (1, 1, 1)
+    assert "round 1/2: 3 clients replied" in proc.stdout
+    assert (out / "accuracy.png").stat().st_size > 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["clients"] == 3 and config["rounds"] == 2 and config["mode"] == "fedavg"
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def _kill_session(leader: int, grace: float = 20.0) -> None:
+    """Stop every process of the session led by ``leader`` (the ray head we started)."""
+    try:
+        os.killpg(leader, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and _session_pids(leader):
+        time.sleep(0.5)
+    for pid in _session_pids(leader):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getsid(int(entry.name)) == sid:
+                    pids.append(int(entry.name))
+            except (ProcessLookupError, PermissionError):
+                continue
+    return pids
+
+
+@pytest.fixture
+def ray_head(flower_env, free_port):
+    """A local Ray head on 127.0.0.1 in its own session; killed (the session) afterwards."""
+    port = free_port()
+    temp = flower_env / "ray" / f"head{port}"
+    cmd = [
+        str(Path(sys.executable).with_name("ray")),
+        "start", "--head", "--block",
+        "--node-ip-address", "127.0.0.1",
+        "--port", str(port),
+        "--temp-dir", str(temp),
+        "--num-cpus", "2",
+        "--include-dashboard", "false",
+        "--disable-usage-stats",
+        "--ray-client-server-port", str(free_port()),
+        "--dashboard-agent-listen-port", str(free_port()),
+    ]  # fmt: skip
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    log = open(flower_env / f"ray-head-{port}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "Ray runtime started" in (flower_env / f"ray-head-{port}.log").read_text():
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, (flower_env / f"ray-head-{port}.log").read_text()[-2000:]
+        yield f"127.0.0.1:{port}"
+    finally:
+        _kill_session(proc.pid)
+        proc.wait(timeout=10)
+        log.close()
+        assert not _session_pids(proc.pid)
+
+
+@pytest.mark.slow
+def test_simulation_on_an_existing_ray_cluster(ray_head, tmp_path) -> None:
+    out = tmp_path / "run"
+    proc = _simulate(
+        [
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--local-steps",
+            "1",
+            "--ray-address",
+            ray_head,
+            "--out",
+            str(out),
+        ],
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = _rows(out)
+    assert row["clients"] == 2 and row["failed"] == 0
