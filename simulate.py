@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from server import OneLineParser, add_training_args, config_from_args, default_out_dir
+from strategies.auditor import add_audit_args, audit_from_args, simulation_ground_truth
 
 LOOPBACK = {"127.0.0.1", "localhost"}
 
@@ -104,6 +105,7 @@ def build_parser() -> OneLineParser:
         prog="simulate.py", description="Simulate a PRECODE federation with Flower + Ray."
     )
     add_training_args(parser, default_clients=10)
+    add_audit_args(parser, simulation=True)
     r = parser.add_argument_group("simulation")
     r.add_argument(
         "--ray-address", default=None, help="run on an existing Ray cluster (host:port or auto)"
@@ -127,6 +129,10 @@ def build_parser() -> OneLineParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:  # --audit turns the evaluation channel on, unless --no-audit-ground-truth
+        args.audit_ground_truth = simulation_ground_truth(args)
+    except ValueError as err:
+        parser.error(str(err))
     cfg = config_from_args(parser, args)
     cpus = os.cpu_count() or 1
     if not 0 < args.client_cpus <= cpus and args.ray_address is None:
@@ -139,6 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out_dir()
 
     _configure_logging(args.verbose)
+    try:  # starts the audit workers; fails here on a senseless budget or device
+        audit = audit_from_args(args, out, ground_truth=cfg.audit_ground_truth)
+    except ValueError as err:
+        parser.error(str(err))
 
     # Imported after the flags are checked: Flower, Ray and torch take seconds to import.
     from flwr.simulation import run_simulation
@@ -158,7 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         run_simulation(
-            server_app=make_server_app(cfg, out, progress=not args.no_progress),
+            server_app=make_server_app(
+                cfg, out, observers=[audit] if audit else (), progress=not args.no_progress
+            ),
             client_app=client_app,
             num_supernodes=cfg.clients,
             backend_name="ray",
