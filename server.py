@@ -54,6 +54,7 @@ from precode_flower.partition import SCHEMES
 from precode_flower.plotting import plot_accuracy
 from precode_flower.training import evaluate
 from strategies import FedSGD, Observed, Observer, aggregate_metrics
+from strategies.auditor import add_audit_args, audit_from_run_config, audit_run_config
 
 log = logging.getLogger("precode_flower.server")
 
@@ -141,13 +142,20 @@ class RoundLog:
         extra = (
             f" (rejected {rec.rejected}, failed {rec.failed})" if rec.rejected or rec.failed else ""
         )
+        leak = [s(server_round) for o in self.observed.observers if (s := _round_status(o))]
+        leak_text = "".join(f" | {t}" for t in leak if t)
         tqdm.write(
             f"round {server_round}/{self.rounds}: {rec.clients} clients replied{extra}, "
-            f"train loss {tl}, test accuracy {accuracy:.4f} ({row['seconds']:.1f} s)"
+            f"train loss {tl}, test accuracy {accuracy:.4f} ({row['seconds']:.1f} s){leak_text}"
         )
 
     def close(self) -> None:
         self.bar.close()
+
+
+def _round_status(observer: Observer) -> Any:
+    """An observer's per-round console text hook (the auditor's leakage), if it has one."""
+    return getattr(observer, "round_status", None)
 
 
 def run_federation(
@@ -245,7 +253,9 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point of ``flwr run`` / the SuperLink: the config comes from the run config."""
     cfg = task.RunConfig.from_mapping(context.run_config)
     out = str(cfg.extra.get("out-dir") or "") or default_out_dir()
-    run_federation(grid, cfg, out, progress=False)
+    # The honest-but-curious audit, if the run config asks for it (no ground truth here).
+    audit = audit_from_run_config(context.run_config, out, seed=cfg.seed)
+    run_federation(grid, cfg, out, observers=[audit] if audit else (), progress=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,6 +415,22 @@ def flwr_config_toml(address: str, *, insecure: bool, root_certificates: str | N
     return "\n".join(lines) + "\n"
 
 
+def _last_json(text: str) -> dict[str, Any]:
+    """The last line of ``text`` that parses as a JSON object (flwr's ``--format json``)."""
+    for line in reversed(text.strip().splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except ValueError:
+        return {}
+
+
 def submit(
     run_config: dict[str, bool | int | float | str],
     *,
@@ -414,8 +440,12 @@ def submit(
     connection: str | None = None,
     stream: bool = True,
     app_dir: Path = APP_DIR,
-) -> int:
-    """``flwr run app_dir`` against a SuperLink with ``run_config``; returns its exit status."""
+) -> tuple[int, str | None, str | None]:
+    """Submit ``app_dir`` with ``run_config``; return (exit status, run id, final status).
+
+    ``flwr run --format json`` starts the run; with ``stream`` its log is then followed
+    with ``flwr log`` until the run ends, and ``flwr ls`` reports how it ended.
+    """
     flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
     with tempfile.TemporaryDirectory(prefix="precode-flwr-") as tmp:
         env = dict(os.environ)
@@ -431,11 +461,36 @@ def submit(
             )
             env["FLWR_HOME"] = str(home)
             connection = "target"
-        cmd = [flwr, "run", str(app_dir), connection, "--run-config", str(overrides)]
-        if stream:
-            cmd.append("--stream")
-        print("$", shlex.join(cmd), flush=True)
-        return subprocess.run(cmd, env=env, check=False).returncode
+
+        def flwr_cmd(*args: str, capture: bool) -> subprocess.CompletedProcess[str]:
+            cmd = [flwr, *args]
+            print("$", shlex.join(cmd), flush=True)
+            return subprocess.run(cmd, env=env, check=False, text=True, capture_output=capture)
+
+        started = flwr_cmd(
+            "run", str(app_dir), connection, "--run-config", str(overrides), "--format", "json",
+            capture=True,
+        )  # fmt: skip
+        run_id = _last_json(started.stdout).get("run-id")
+        if started.returncode != 0 or not run_id:
+            sys.stderr.write(started.stdout + started.stderr)
+            return started.returncode or 1, None, None
+        print(f"started run {run_id}", flush=True)
+        if not stream:
+            return 0, str(run_id), None
+        flwr_cmd("log", str(run_id), connection, "--stream", capture=False)
+        listed = flwr_cmd(
+            "ls", connection, "--run-id", str(run_id), "--format", "json", capture=True
+        )
+        status = _run_status(_last_json(listed.stdout))
+        ok = status is not None and "completed" in status
+        return (0 if ok else 1), str(run_id), status
+
+
+def _run_status(listing: dict[str, Any]) -> str | None:
+    """The status of the single run in ``flwr ls --run-id ... --format json`` output."""
+    runs = listing.get("runs") or []
+    return str(runs[0].get("status")) if runs else None
 
 
 def build_parser() -> OneLineParser:
@@ -456,6 +511,7 @@ def build_parser() -> OneLineParser:
     )
     c.add_argument("--no-stream", action="store_true", help="return after submitting")
     add_training_args(parser, default_clients=2)
+    add_audit_args(parser, simulation=False)
     return parser
 
 
@@ -469,7 +525,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out) if args.out else default_out_dir()
     # The ServerApp runs in the SuperLink's process tree: give it an absolute path.
     run_config["out-dir"] = str(out.resolve())
-    code = submit(
+    run_config.update(audit_run_config(args))
+    code, run_id, status = submit(
         run_config,
         superlink=args.superlink,
         insecure=args.insecure,
@@ -477,8 +534,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         connection=args.connection,
         stream=not args.no_stream,
     )
-    if code == 0 and not args.no_stream:
-        print(f"results: {out.resolve()}")
+    if run_id and not args.no_stream:
+        print(f"run {run_id}: {status or 'unknown status'}; results in {out.resolve()}")
     return code
 
 
