@@ -15,13 +15,16 @@ Messages (Flower 1.42 Message API):
 Node-local settings come from ``context.node_config``: ``partition-id`` and
 ``num-partitions`` (set by the simulation engine, or ``--node-config`` of
 ``flower-supernode``) and optionally ``data-dir`` (overrides the run's ``data-dir``).
+The partition's train indices are kept in ``context.state`` so that later messages to
+the node need not partition again.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from precode_flower import task
@@ -42,11 +45,35 @@ def _node_settings(context: Context) -> tuple[int, int, str | None]:
     return pid, n, str(data_dir) if data_dir else None
 
 
-def _setup(msg: Message, context: Context) -> tuple[task.RunConfig, task.ClientData, Any, int]:
+_STATE_KEY = "precode.partition"  # node state: {"key": ConfigRecord, "indices": ArrayRecord}
+
+
+def _cached_train_indices(
+    cfg: task.RunConfig, pid: int, n: int, data_dir: str | None, context: Context
+) -> np.ndarray:
+    """The partition's train indices, kept in the node's state across messages.
+
+    In deployment every message runs in a fresh ``flwr-clientapp`` process, so an in-process
+    cache is lost; partitioning again would re-import Hugging Face ``datasets`` each time.
+    """
+    key = task.partition_key(cfg, pid, n, data_dir)
+    state = context.state
+    if f"{_STATE_KEY}.key" in state and state[f"{_STATE_KEY}.key"].get("key") == key:
+        return state[f"{_STATE_KEY}.indices"]["train"].numpy()
+    indices = task.train_indices(cfg, pid, n, data_dir)
+    state[f"{_STATE_KEY}.key"] = ConfigRecord({"key": key})
+    state[f"{_STATE_KEY}.indices"] = ArrayRecord({"train": Array(np.asarray(indices))})
+    return indices
+
+
+def _setup(
+    msg: Message, context: Context, *, with_train: bool
+) -> tuple[task.RunConfig, task.ClientData, Any, int]:
     config = msg.content["config"]
     cfg = task.RunConfig.from_mapping(dict(config))
     pid, n, data_dir = _node_settings(context)
-    data = task.client_data(cfg, pid, n, data_dir)
+    train = _cached_train_indices(cfg, pid, n, data_dir, context) if with_train else None
+    data = task.client_data(cfg, pid, n, data_dir, train=train, with_train=with_train)
     model = task.get_model(cfg, data.num_classes, data.input_shape)
     return cfg, data, model, int(config.get("server-round", 0))
 
@@ -54,7 +81,7 @@ def _setup(msg: Message, context: Context) -> tuple[task.RunConfig, task.ClientD
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Compute this client's update (FedSGD gradient or FedAvg weights) for the round."""
-    cfg, data, model, server_round = _setup(msg, context)
+    cfg, data, model, server_round = _setup(msg, context, with_train=True)
     state = msg.content["arrays"].to_torch_state_dict()
     update = task.compute_update(model, state, data, cfg, server_round)
     update = task.inject_fault(update, cfg, data.partition_id, server_round)
@@ -66,7 +93,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's test share."""
-    cfg, data, model, _ = _setup(msg, context)
+    cfg, data, model, _ = _setup(msg, context, with_train=False)
     stats = task.evaluate_client(model, msg.content["arrays"].to_torch_state_dict(), data)
     metrics = MetricRecord(
         {

@@ -68,6 +68,8 @@ __all__ = [
     "inject_fault",
     "initial_state",
     "load_state",
+    "partition_key",
+    "train_indices",
 ]
 
 MODES: tuple[str, ...] = ("fedavg", "fedsgd")
@@ -315,7 +317,7 @@ class ClientData:
 
 
 @functools.lru_cache(maxsize=8)
-def _splits(
+def _train_splits(
     dataset: str,
     data_dir: str | None,
     scheme: str,
@@ -323,10 +325,9 @@ def _splits(
     alpha: float,
     classes_per_client: int,
     seed: int,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    bundle = data_mod.load(dataset, data_dir)
-    labels = bundle.train.tensors[1].numpy()
-    train = partition(
+) -> list[np.ndarray]:
+    labels = data_mod.load(dataset, data_dir).train.tensors[1].numpy()
+    return partition(
         labels,
         num_partitions,
         scheme,
@@ -334,24 +335,44 @@ def _splits(
         classes_per_client=classes_per_client,
         seed=seed,
     )
-    n_test = len(bundle.test)
+
+
+@functools.lru_cache(maxsize=8)
+def _test_splits(
+    dataset: str, data_dir: str | None, num_partitions: int, seed: int
+) -> list[np.ndarray]:
+    n_test = len(data_mod.load(dataset, data_dir).test)
     perm = np.random.default_rng(seed).permutation(n_test)
-    test = [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_partitions)]
-    return train, test
+    return [np.sort(p).astype(np.int64) for p in np.array_split(perm, num_partitions)]
 
 
-def client_data(
-    cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | None = None
-) -> ClientData:
-    """Partition ``partition_id`` of ``num_partitions``: its train examples and test share.
-
-    ``data_dir`` overrides ``cfg.data_dir`` (a node-local setting in deployment).
-    """
+def _check_partition(partition_id: int, num_partitions: int) -> None:
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}), got {partition_id}")
+
+
+def partition_key(
+    cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | None = None
+) -> str:
+    """A string naming exactly which training examples a client holds (for caching them)."""
+    directory = data_dir or cfg.data_dir or ""
+    return (
+        f"{cfg.dataset}|{directory}|{cfg.partition}|{num_partitions}|{cfg.alpha}|"
+        f"{cfg.classes_per_client}|{cfg.seed}|{partition_id}"
+    )
+
+
+def train_indices(
+    cfg: RunConfig, partition_id: int, num_partitions: int, data_dir: str | None = None
+) -> np.ndarray:
+    """Train-split indices of partition ``partition_id`` (cached in-process).
+
+    Partitioning imports Hugging Face ``datasets`` (seconds); a Flower deployment starts a
+    fresh process per message, so the ClientApp also keeps the result in its node state.
+    """
+    _check_partition(partition_id, num_partitions)
     directory = data_dir or cfg.data_dir or None
-    bundle = data_mod.load(cfg.dataset, directory)
-    train, test = _splits(
+    parts = _train_splits(
         cfg.dataset,
         directory,
         cfg.partition,
@@ -360,7 +381,35 @@ def client_data(
         cfg.classes_per_client,
         cfg.seed,
     )
-    tr, te = train[partition_id], test[partition_id]
+    return parts[partition_id]
+
+
+def client_data(
+    cfg: RunConfig,
+    partition_id: int,
+    num_partitions: int,
+    data_dir: str | None = None,
+    *,
+    train: np.ndarray | None = None,
+    with_train: bool = True,
+) -> ClientData:
+    """Partition ``partition_id`` of ``num_partitions``: its train examples and test share.
+
+    ``data_dir`` overrides ``cfg.data_dir`` (a node-local setting in deployment). ``train``:
+    the partition's train indices if already known (see :func:`train_indices`);
+    ``with_train=False`` skips the training data (evaluation needs only the test share).
+    """
+    _check_partition(partition_id, num_partitions)
+    directory = data_dir or cfg.data_dir or None
+    bundle = data_mod.load(cfg.dataset, directory)
+    if train is None:
+        train = (
+            train_indices(cfg, partition_id, num_partitions, data_dir)
+            if with_train
+            else np.zeros(0, np.int64)
+        )
+    tr = np.asarray(train, dtype=np.int64)
+    te = _test_splits(cfg.dataset, directory, num_partitions, cfg.seed)[partition_id]
     x, y = bundle.train.tensors
     xt, yt = bundle.test.tensors
     return ClientData(

@@ -196,3 +196,20 @@ def test_updates_do_not_leak_global_torch_rng_state() -> None:
     torch.manual_seed(123)
     train(msg, _context())
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_partition_is_kept_in_node_state_and_evaluation_skips_it(monkeypatch) -> None:
+    cfg = task.RunConfig(mode="fedsgd", batch_size=4, audit_ground_truth=True)
+    ctx = _context(0)
+    msg, state = _message(cfg)
+    first = train(msg, ctx).content["metrics"]["batch-indices"]
+
+    def no_partitioning(*args, **kwargs):
+        raise AssertionError("partitioned again")
+
+    monkeypatch.setattr(task, "train_indices", no_partitioning)
+    again = train(_message(cfg, state=state)[0], ctx).content["metrics"]["batch-indices"]
+    assert again == first
+    evaluate(_message(cfg, MessageType.EVALUATE)[0], _context(2))  # fresh node, no partitioning
+    with pytest.raises(AssertionError, match="partitioned again"):
+        train(msg, _context(1))  # another partition: not in this node's state
