@@ -188,3 +188,66 @@ def plot_accuracy(
     ax.legend(fontsize="small")
     fig.suptitle(title or "test accuracy per round")
     return save_figure(fig, path, dpi=110)
+
+
+#: PSNR values above this are drawn at it (exact reconstructions score up to 200 dB).
+PSNR_AXIS_CAP = 50.0
+
+
+def plot_privacy_utility(
+    points: Sequence[Mapping[str, object]],
+    path: str | os.PathLike[str],
+    *,
+    success_ssim: float = 0.6,
+    title: str | None = None,
+) -> Path:
+    """Accuracy against leakage, one marker per defense, one row of panels per setting.
+
+    Each point is a mapping with ``panel`` (the setting, e.g. ``"mnist convnet fedsgd B=1"``),
+    ``label`` (the defense), ``accuracy`` (final test accuracy), ``success`` (fraction of
+    audited updates the strongest attack reconstructed, SSIM >= ``success_ssim``) and
+    ``psnr`` (that attack's mean PSNR in dB); ``attack`` (its name) is added to the label.
+    Points missing a value are left out of that panel. PSNR above :data:`PSNR_AXIS_CAP` is
+    drawn at the cap with an upward triangle. The same defense has the same colour everywhere.
+    """
+    if not points:
+        raise ValueError("plot_privacy_utility: no points")
+    panels = list(dict.fromkeys(str(p["panel"]) for p in points))
+    labels = list(dict.fromkeys(str(p["label"]) for p in points))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(labels)}
+    markers = "osD^vP*Xhp<>"
+    shapes = {name: markers[(i // 10) % len(markers)] for i, name in enumerate(labels)}
+    fig = Figure(figsize=(10.5, 3.3 * len(panels) + 0.6), layout="constrained")
+    axes = fig.subplots(len(panels), 2, squeeze=False)
+    for row, panel in zip(axes, panels, strict=True):
+        mine = [p for p in points if str(p["panel"]) == panel]
+        for ax, key in zip(row, ("success", "psnr"), strict=True):
+            for p in mine:
+                acc, value = p.get("accuracy"), p.get(key)
+                if acc is None or value is None:
+                    continue
+                x, marker = float(value), shapes[str(p["label"])]
+                if key == "success":
+                    x *= 100.0
+                elif x > PSNR_AXIS_CAP:
+                    x, marker = PSNR_AXIS_CAP, "^"
+                ax.scatter(
+                    x, float(acc), color=colors[str(p["label"])], marker=marker, s=40, zorder=3
+                )
+                text = str(p["label"]) + (f" ({p['attack']})" if p.get("attack") else "")
+                ax.annotate(
+                    text, (x, float(acc)), fontsize=7, xytext=(4, 3), textcoords="offset points"
+                )
+            if key == "success":
+                ax.set_xlabel(
+                    f"strongest attack: updates reconstructed (%, SSIM >= {success_ssim})"
+                )
+                ax.set_xlim(-5, 105)
+            else:
+                ax.set_xlabel(f"strongest attack: mean PSNR (dB, > {PSNR_AXIS_CAP:g} drawn at it)")
+                ax.set_xlim(0, PSNR_AXIS_CAP + 4)
+            ax.set_ylabel("final test accuracy")
+            ax.set_title(panel, fontsize=9)
+            ax.grid(alpha=0.3)
+    fig.suptitle(title or "privacy-utility trade-off per defense (upper left is better)")
+    return save_figure(fig, path, dpi=110)
