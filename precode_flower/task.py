@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -75,7 +76,7 @@ __all__ = [
 MODES: tuple[str, ...] = ("fedavg", "fedsgd")
 SERVER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 #: Fault kinds for ``fault-injection`` (robustness tests): ``kind:partition-id[:round]``.
-FAULTS: tuple[str, ...] = ("raise", "nan", "inf", "shape", "missing")
+FAULTS: tuple[str, ...] = ("raise", "nan", "inf", "shape", "missing", "scale", "dtype", "hang")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
@@ -122,6 +123,10 @@ class RunConfig:
     audit_ground_truth: bool = False
     round_timeout: float = 600.0
     fault_injection: str = ""
+    # Server-side reply policy (strategies.validation.ReplyValidator.from_limits).
+    max_update_norm: float = 0.0  # reject updates with a larger L2 norm; 0 = no bound
+    max_reply_mb: float = 0.0  # reject larger replies; 0 = auto (2x the model + 8 MiB)
+    min_replies: int = 1  # fewer valid replies: the round is skipped, the model unchanged
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -141,7 +146,7 @@ class RunConfig:
         set_("dataset", dataset)
         set_("defenses", parse_defenses(self.defenses))
         _ = self.defense_params  # validates latent-dim, beta, clip, sigma, prune-rate
-        for name in ("batch_size", "rounds", "clients", "classes_per_client"):
+        for name in ("batch_size", "rounds", "clients", "classes_per_client", "min_replies"):
             if getattr(self, name) < 1:
                 raise ValueError(
                     f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
@@ -165,6 +170,10 @@ class RunConfig:
                 )
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for name in ("max_update_norm", "max_reply_mb"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name.replace('_', '-')} must be >= 0 (0 = off), got {value}")
         parse_faults(self.fault_injection)
 
     @property
@@ -548,7 +557,9 @@ def inject_fault(
     """Corrupt ``update`` as ``cfg.fault_injection`` asks for this partition and round.
 
     For robustness tests only: ``raise`` raises RuntimeError, ``nan``/``inf`` poison one
-    entry, ``shape`` drops the last row of the first array, ``missing`` drops an array.
+    entry, ``shape`` drops the last row of the first array, ``missing`` drops an array,
+    ``scale`` multiplies every array by 1e6 (an absurd magnitude), ``dtype`` sends float64,
+    ``hang`` sleeps for twice the round timeout (the server must give up on this client).
     """
     for kind, pid, rnd in parse_faults(cfg.fault_injection):
         if pid != partition_id or (rnd is not None and rnd != server_round):
@@ -557,12 +568,21 @@ def inject_fault(
         first = next(iter(arrays))
         if kind == "raise":
             raise RuntimeError(f"injected fault: partition {partition_id} raises")
+        if kind == "hang":
+            time.sleep(2 * cfg.round_timeout)
+            continue
         if kind in ("nan", "inf"):
             arrays[first].reshape(-1)[0] = np.nan if kind == "nan" else np.inf
         elif kind == "shape":
             arrays[first] = arrays[first][:-1]
         elif kind == "missing":
             del arrays[first]
+        elif kind == "scale":
+            arrays = {
+                k: v * 1e6 if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()
+            }
+        elif kind == "dtype":
+            arrays = {k: v.astype(np.float64) for k, v in arrays.items()}
         update = dataclasses.replace(update, arrays=arrays)
     return update
 
