@@ -11,7 +11,11 @@ the reliability layer are observers): per round it
    :class:`ClientReply`) to each observer, and calls the wrapped strategy's
    ``aggregate_train`` with only the valid reply messages, unchanged;
 3. records per round how many clients were accepted, rejected, failed (error replies) and
-   dropped (no reply before the timeout) in :attr:`Observed.rounds`.
+   dropped (no reply before the timeout), naming each by node id and, where known from
+   any earlier reply, partition id, in :attr:`Observed.rounds`;
+4. skips the round (no new global model, reason recorded) when fewer valid replies than
+   the validator's ``min_replies`` remain, or when the aggregate is not finite (e.g. float
+   overflow of large but finite updates), so the global model never becomes NaN/Inf.
 
 It never changes what is aggregated beyond leaving out invalid replies: ``Observed(FedAvg())``
 aggregates exactly like ``FedAvg()`` given the same valid replies. With
@@ -82,9 +86,12 @@ class RoundRecord:
     dropped: int = 0  # sent but no reply
     rejections: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
+    dropped_nodes: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str | None = None  # why the round produced no new model, if it did not
     train_metrics: dict[str, Any] | None = None
     evaluate_clients: int = 0
     evaluate_failed: int = 0
+    evaluate_failures: list[dict[str, Any]] = field(default_factory=list)
     evaluate_metrics: dict[str, Any] | None = None
 
 
@@ -94,6 +101,10 @@ def _partition_of(msg: Message, key: str) -> int | None:
     except Exception:  # noqa: BLE001 - any malformed content simply has no partition id
         return None
     return int(pid) if isinstance(pid, int | float) and not isinstance(pid, bool) else None
+
+
+def _inexact(a: Any) -> bool:
+    return np.issubdtype(np.dtype(a.dtype), np.inexact)
 
 
 def _sort_key(pid: int | None, node_id: int) -> tuple[int, int, int]:
@@ -125,6 +136,8 @@ class Observed(Strategy):
         )
         self.sort_replies = sort_replies
         self.rounds: dict[int, RoundRecord] = {}
+        #: node id -> partition id, from every reply that reported one (for the logs).
+        self.partitions: dict[int, int] = {}
         self._contexts: dict[int, RoundContext] = {}
         self._sent: dict[int, set[int]] = {}
         self._closed = False
@@ -175,18 +188,34 @@ class Observed(Strategy):
         context = self._contexts.pop(server_round, None) or RoundContext(server_round, {}, {})
         rec = self.record(server_round)
         sent = self._sent.pop(server_round, set())
-        rec.dropped = len(sent - {m.metadata.src_node_id for m in replies}) if sent else 0
         akey, mkey = self.validator.array_record_key, self.validator.metric_record_key
+        self._learn_partitions(replies, mkey)
+        missing = sorted(sent - {m.metadata.src_node_id for m in replies})
+        rec.dropped = len(missing)
+        for node in missing:
+            rec.dropped_nodes.append(self._who(node))
+            log.warning(
+                "round %d: no reply from node %d (partition %s) before the timeout",
+                server_round,
+                node,
+                self._pid_text(node),
+            )
 
         candidates: list[tuple[Message, ClientReply]] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
                 reason = msg.error.reason
-                rec.failures.append({"node_id": node, "reason": reason})
-                log.warning("round %d: client node %d failed: %s", server_round, node, reason)
+                rec.failures.append({**self._who(node), "reason": reason})
+                log.warning(
+                    "round %d: client node %d failed: %s (partition %s)",
+                    server_round,
+                    node,
+                    reason,
+                    self._pid_text(node),
+                )
                 continue
-            reason = self.validator.check_message(msg)
+            reason = self.validator.check_message(msg, context)
             reply = None
             if reason is None:
                 try:
@@ -225,8 +254,18 @@ class Observed(Strategy):
             except Exception:  # an observer must never stop training
                 log.exception("round %d: observer %r raised", server_round, observer)
 
+        if len(valid) < self.validator.min_replies:
+            return self._skip(
+                rec,
+                f"only {len(valid)} valid replies, at least {self.validator.min_replies} needed",
+            ), None
         arrays, metrics = self.strategy.aggregate_train(server_round, [m for m, _ in valid])
         rec.train_metrics = dict(metrics) if metrics is not None else None
+        if arrays is None:
+            self._skip(rec, "the strategy produced no new model")
+        elif not all(np.isfinite(a.numpy()).all() for a in arrays.values() if _inexact(a)):
+            # Large finite updates can still overflow in the weighted sum.
+            return self._skip(rec, "the aggregated model is not finite"), metrics
         return arrays, metrics
 
     def configure_evaluate(
@@ -243,7 +282,13 @@ class Observed(Strategy):
                 key=lambda m: _sort_key(_partition_of(m, "metrics"), m.metadata.src_node_id)
             )
         rec = self.record(server_round)
-        rec.evaluate_failed = sum(m.has_error() for m in replies)
+        self._learn_partitions(replies, "metrics")
+        rec.evaluate_failures = [
+            {**self._who(m.metadata.src_node_id), "reason": m.error.reason}
+            for m in replies
+            if m.has_error()
+        ]
+        rec.evaluate_failed = len(rec.evaluate_failures)
         rec.evaluate_clients = len(replies) - rec.evaluate_failed
         metrics = self.strategy.aggregate_evaluate(server_round, replies)
         rec.evaluate_metrics = dict(metrics) if metrics is not None else None
@@ -266,7 +311,27 @@ class Observed(Strategy):
             else 0,
         )
 
+    def _learn_partitions(self, replies: list[Message], key: str) -> None:
+        for msg in replies:
+            if not msg.has_error():
+                pid = _partition_of(msg, key)
+                if pid is not None:
+                    self.partitions[msg.metadata.src_node_id] = pid
+
+    def _who(self, node: int) -> dict[str, Any]:
+        return {"node_id": node, "partition_id": self.partitions.get(node)}
+
+    def _pid_text(self, node: int) -> str:
+        pid = self.partitions.get(node)
+        return str(pid) if pid is not None else "?"
+
+    def _skip(self, rec: RoundRecord, reason: str) -> None:
+        """Record that round ``rec`` leaves the global model unchanged (returns None)."""
+        rec.skipped = reason
+        log.warning("round %d skipped, global model unchanged: %s", rec.server_round, reason)
+
     def _reject(self, rec: RoundRecord, node: int, pid: int | None, reason: str) -> None:
+        pid = pid if pid is not None else self.partitions.get(node)
         rec.rejections.append({"node_id": node, "partition_id": pid, "reason": reason})
         log.warning(
             "round %d: rejected reply of node %d (partition %s): %s",

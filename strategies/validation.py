@@ -4,12 +4,19 @@ A reply passes three stages (the first failing check's reason is logged and the 
 dropped from aggregation; see :class:`strategies.observed.Observed`):
 
 1. :meth:`ReplyValidator.check_message`: the message has exactly one ArrayRecord under
-   ``arrays`` and one MetricRecord under ``metrics`` (what Flower's FedAvg requires).
+   ``arrays`` and one MetricRecord under ``metrics`` (what Flower's FedAvg requires), and
+   its records hold at most ``max_reply_bytes`` (counted on the serialised arrays before
+   anything is decoded, so an oversized reply costs no further memory).
 2. per-reply checks, each ``(RoundContext, ClientReply) -> reason | None``: array names,
    shapes and dtypes versus what the server sent, finite values, a positive weight.
 3. round checks, each ``(RoundContext, [ClientReply]) -> {index: reason}``: checks that
    need all replies (all replies must carry the same metric keys, or Flower's aggregation
-   raises; optionally a minimum number of valid replies).
+   raises).
+
+After the stages, :attr:`ReplyValidator.min_replies` is the quorum: with fewer valid
+replies the round is skipped and the global model stays as it was.
+:meth:`ReplyValidator.from_limits` builds the validator of the CLI flags
+(``--max-update-norm``, ``--max-reply-mb``, ``--min-replies``).
 
 To add a check (norm bound, byte size, ...), write a function of the stage-2 or stage-3
 signature and pass it in ``checks`` / ``round_checks`` (or add it to
@@ -38,6 +45,7 @@ __all__ = [
     "ReplyCheck",
     "ReplyValidator",
     "RoundCheck",
+    "AUTO",
     "array_specs",
     "consistent_metric_keys",
     "finite_values",
@@ -45,7 +53,12 @@ __all__ = [
     "min_replies",
     "norm_bound",
     "positive_weight",
+    "reply_bytes",
 ]
+
+#: ``max_reply_bytes`` value meaning "twice the bytes of the model sent, plus 8 MiB".
+AUTO = "auto"
+_AUTO_SLACK = 8 << 20  # metrics (e.g. batch-indices lists) on top of the arrays
 
 
 def array_specs(reply_keys: Sequence[str] | None = None) -> ReplyCheck:
@@ -133,6 +146,24 @@ def max_bytes(limit: int) -> ReplyCheck:
     return check
 
 
+def reply_bytes(msg: Message) -> int:
+    """Payload bytes of a message's records, without decoding any array.
+
+    Arrays count their serialised bytes; numbers 8 bytes each (lists element-wise);
+    strings and bytes their length.
+    """
+    total = 0
+    content = msg.content
+    for record in content.array_records.values():
+        total += sum(len(a.data) for a in record.values())
+    for records in (content.metric_records, content.config_records):
+        for record in records.values():
+            for value in record.values():
+                for v in value if isinstance(value, list) else [value]:
+                    total += len(v) if isinstance(v, str | bytes) else 8
+    return total
+
+
 def consistent_metric_keys(context: RoundContext, replies: list[ClientReply]) -> dict[int, str]:
     """Keep the replies with the most common set of metric keys (ties: the first seen)."""
     if not replies:
@@ -168,12 +199,26 @@ class ReplyValidator:
         checks: per-reply checks, run in order (the first reason rejects).
         round_checks: checks over all replies that passed ``checks``.
         array_record_key / metric_record_key: record names a reply must carry.
+        max_reply_bytes: largest accepted reply (:func:`reply_bytes`); :data:`AUTO`: twice
+            the bytes of the arrays sent plus 8 MiB; None: no limit.
+        min_replies: quorum; a round with fewer valid replies is skipped (no new model).
     """
 
     checks: list[ReplyCheck] = field(default_factory=list)
     round_checks: list[RoundCheck] = field(default_factory=list)
     array_record_key: str = "arrays"
     metric_record_key: str = "metrics"
+    max_reply_bytes: int | str | None = None
+    min_replies: int = 1
+
+    def __post_init__(self) -> None:
+        limit = self.max_reply_bytes
+        if limit is not None and limit != AUTO and not (isinstance(limit, int) and limit > 0):
+            raise ValueError(f"max_reply_bytes must be a positive int, {AUTO!r} or None")
+        if isinstance(self.min_replies, bool) or not (
+            isinstance(self.min_replies, int) and self.min_replies >= 1
+        ):
+            raise ValueError(f"min_replies must be an integer >= 1, got {self.min_replies!r}")
 
     @classmethod
     def default(
@@ -194,10 +239,42 @@ class ReplyValidator:
             round_checks=[consistent_metric_keys, *extra_round_checks],
         )
 
-    def check_message(self, msg: Message) -> str | None:
-        """Structure of a (non-error) reply message: exactly the expected records."""
+    @classmethod
+    def from_limits(
+        cls,
+        reply_keys: Sequence[str] | None = None,
+        weighted_by_key: str = "num-examples",
+        *,
+        max_update_norm: float = 0.0,
+        max_reply_mb: float = 0.0,
+        min_replies: int = 1,
+    ) -> ReplyValidator:
+        """:meth:`default` plus the run's limits (0 = off for the norm, auto for the size)."""
+        extra = [norm_bound(max_update_norm)] if max_update_norm > 0 else []
+        validator = cls.default(reply_keys, weighted_by_key, extra_checks=extra)
+        validator.max_reply_bytes = int(max_reply_mb * (1 << 20)) if max_reply_mb > 0 else AUTO
+        validator.min_replies = int(min_replies)
+        validator.__post_init__()
+        return validator
+
+    def reply_limit(self, context: RoundContext | None) -> int | None:
+        """The byte limit for replies to ``context`` (resolves :data:`AUTO`)."""
+        if self.max_reply_bytes != AUTO:
+            return self.max_reply_bytes  # type: ignore[return-value]
+        if context is None or not context.global_arrays:
+            return None
+        sent = sum(a.nbytes for a in context.global_arrays.values())
+        return 2 * sent + _AUTO_SLACK
+
+    def check_message(self, msg: Message, context: RoundContext | None = None) -> str | None:
+        """Structure and size of a (non-error) reply message: exactly the expected records."""
         if not msg.has_content():
             return "reply has no content"
+        limit = self.reply_limit(context)
+        if limit is not None:
+            size = reply_bytes(msg)
+            if size > limit:
+                return f"reply holds {size / 2**20:.3g} MiB, limit {limit / 2**20:.3g} MiB"
         content = msg.content
         arrays = list(content.array_records)
         metrics = list(content.metric_records)
