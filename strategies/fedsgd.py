@@ -161,6 +161,46 @@ class FedSGD(FedAvg):
                 for k, p in self._params.items():
                     p.copy_(torch.from_numpy(self._global[k]))
 
+    def state_dict(self) -> dict[str, Any]:
+        """The server optimiser's state (for checkpoints); empty before the first round."""
+        if self._optimizer is None:
+            return {}
+        return {
+            "optimizer": self.optimizer_name,
+            "param_keys": list(self._params),
+            "state": self._optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, arrays: ArrayRecord, state: dict[str, Any]) -> None:
+        """Restore the optimiser of a checkpoint whose global model is ``arrays``.
+
+        Raises ValueError (leaving this strategy as it was) if ``state`` belongs to another
+        optimiser or other parameters.
+        """
+        if not state:
+            return
+        if state.get("optimizer") != self.optimizer_name:
+            raise ValueError(
+                f"checkpoint has a {state.get('optimizer')!r} server optimiser, "
+                f"this run uses {self.optimizer_name!r}"
+            )
+        saved = (self._global, self._params, self._optimizer)
+        try:
+            self._set_global(arrays)
+            if list(self._params) != list(state.get("param_keys", [])):
+                raise ValueError("checkpoint optimiser state is for other parameters")
+            assert self._optimizer is not None
+            self._optimizer.load_state_dict(state["state"])
+            for p in self._params.values():  # torch does not check state shapes itself
+                for name, t in self._optimizer.state.get(p, {}).items():
+                    if torch.is_tensor(t) and t.dim() and tuple(t.shape) != tuple(p.shape):
+                        raise ValueError(f"optimiser state {name!r} has shape {tuple(t.shape)}")
+        except Exception as err:
+            self._global, self._params, self._optimizer = saved
+            if isinstance(err, ValueError):
+                raise
+            raise ValueError(f"cannot restore the server optimiser: {err}") from err
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -1,0 +1,267 @@
+"""Run checkpoints: the server's whole state after a completed round, saved atomically.
+
+A checkpoint (``<run dir>/checkpoint.pt``) holds the round number, the run config, the
+global model, the strategy's state (FedSGD's server optimiser), the RNG states of the server
+process and its initial evaluation. :func:`save_checkpoint` writes it to a temporary file in
+the same directory, fsyncs it and renames it over the old one, so a crash at any moment
+leaves either the previous or the new checkpoint, never a mixture.
+
+:func:`load_checkpoint` reads it with ``torch.load(weights_only=True)`` (tensors and plain
+containers only: no arbitrary pickle) and validates everything before returning: format and
+version, the digest of the model tensors, the config (keys that define the run must be
+equal; :data:`RESUMABLE_KEYS` may change), and the model's names, shapes and dtypes against
+the model the run builds. Any problem raises :class:`CheckpointError` with the reason;
+nothing is ever half-loaded, because callers only apply a checkpoint that passed.
+
+Nothing here imports Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CHECKPOINT_NAME",
+    "RESUMABLE_KEYS",
+    "Checkpoint",
+    "CheckpointError",
+    "config_differences",
+    "load_checkpoint",
+    "model_digest",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+CHECKPOINT_NAME = "checkpoint.pt"
+_FORMAT = "precode-flower-checkpoint"
+_VERSION = 1
+
+#: Run-config keys that may differ when resuming: they do not change what a round computes
+#: (more rounds, other timeouts and reply limits, test-only faults, where the data lives is
+#: *not* among them: another directory may hold other data).
+RESUMABLE_KEYS = frozenset(
+    {
+        "rounds",
+        "round-timeout",
+        "fault-injection",
+        "max-update-norm",
+        "max-reply-mb",
+        "min-replies",
+        "out-dir",
+        "resume",
+    }
+)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, corrupted or belongs to another run."""
+
+
+@dataclass
+class Checkpoint:
+    """The server's state after round ``round`` completed."""
+
+    round: int
+    config: dict[str, bool | int | float | str]
+    model: OrderedDict[str, Tensor]
+    strategy: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    initial: dict[str, float] = field(default_factory=dict)
+
+
+def model_digest(model: Mapping[str, Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of the tensors, in order."""
+    h = hashlib.sha256()
+    for name, t in model.items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def rng_state() -> dict[str, Any]:
+    """The server process's ``random``, NumPy and torch RNG states (weights_only-safe types)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    return {
+        "python": random.getstate(),
+        "numpy": (str(name), torch.from_numpy(np.asarray(keys, np.int64)), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
+    """Write ``ckpt`` to ``run_dir/checkpoint.pt`` atomically; return the path."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CHECKPOINT_NAME
+    model = OrderedDict((k, v.detach().cpu().clone()) for k, v in ckpt.model.items())
+    payload = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "round": int(ckpt.round),
+        "config": dict(ckpt.config),
+        "model": model,
+        "digest": model_digest(model),
+        "strategy": ckpt.strategy,
+        "rng": ckpt.rng,
+        "initial": dict(ckpt.initial),
+    }
+    tmp = run_dir / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old or the new file
+    finally:
+        tmp.unlink(missing_ok=True)
+    # Make the rename itself durable (the directory entry), where the OS allows it.
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def config_differences(
+    saved: Mapping[str, Any], current: Mapping[str, Any], ignore: frozenset[str] = RESUMABLE_KEYS
+) -> list[str]:
+    """``key: saved -> current`` for every key that defines the run and differs."""
+    keys = sorted((set(saved) | set(current)) - ignore)
+    missing = object()
+    return [
+        f"{k}: {saved.get(k, '<absent>')!r} -> {current.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k, missing) != current.get(k, missing)
+    ]
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    config: Mapping[str, Any] | None = None,
+    reference: Mapping[str, Tensor] | None = None,
+) -> Checkpoint:
+    """Read and validate the checkpoint at ``path`` (a run directory or the file itself).
+
+    ``config``: the resuming run's config; keys outside :data:`RESUMABLE_KEYS` must equal
+    the saved ones. ``reference``: a state dict of the model the run builds; the saved model
+    must have exactly its names, shapes and dtypes. Raises :class:`CheckpointError`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}: nothing to resume")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, bit flips, foreign pickles: all unreadable
+        raise CheckpointError(
+            f"checkpoint {path} is corrupted or not a checkpoint (cannot be read: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
+    where = f"checkpoint {path}"
+    if not isinstance(raw, dict) or raw.get("format") != _FORMAT:
+        raise CheckpointError(f"{where} is not a precode-flower checkpoint")
+    if raw.get("version") != _VERSION:
+        raise CheckpointError(
+            f"{where} has format version {raw.get('version')!r}, this code reads {_VERSION}"
+        )
+    for key, kind in (
+        ("round", int),
+        ("config", dict),
+        ("model", dict),
+        ("digest", str),
+        ("strategy", dict),
+        ("rng", dict),
+        ("initial", dict),
+    ):
+        if not isinstance(raw.get(key), kind) or isinstance(raw.get(key), bool):
+            raise CheckpointError(f"{where} is malformed: {key!r} missing or not a {kind.__name__}")
+    model = raw["model"]
+    if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in model.items()):
+        raise CheckpointError(f"{where} is malformed: the model is not a dict of tensors")
+    if model_digest(model) != raw["digest"]:
+        raise CheckpointError(f"{where} is corrupted: the model does not match its digest")
+    if raw["round"] < 1:
+        raise CheckpointError(f"{where} is malformed: round {raw['round']}")
+    if config is not None:
+        diff = config_differences(raw["config"], config)
+        if diff:
+            raise CheckpointError(
+                f"{where} belongs to another run; these settings differ (saved -> now): "
+                + "; ".join(diff)
+            )
+        rounds = config.get("rounds")
+        if isinstance(rounds, int) and raw["round"] > rounds:
+            raise CheckpointError(
+                f"{where} is at round {raw['round']}, beyond this run's {rounds} rounds"
+            )
+    if reference is not None:
+        problems = _model_differences(model, reference)
+        if problems:
+            raise CheckpointError(
+                f"{where} holds another model: "
+                + "; ".join(problems[:5])
+                + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else "")
+            )
+    bad = [k for k, t in model.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise CheckpointError(f"{where} holds non-finite values in {bad[:3]}")
+    return Checkpoint(
+        round=raw["round"],
+        config=raw["config"],
+        model=OrderedDict(model),
+        strategy=raw["strategy"],
+        rng=raw["rng"],
+        initial={str(k): float(v) for k, v in raw["initial"].items()},
+    )
+
+
+def _model_differences(model: Mapping[str, Tensor], reference: Mapping[str, Tensor]) -> list[str]:
+    out = []
+    missing = [k for k in reference if k not in model]
+    extra = [k for k in model if k not in reference]
+    if missing:
+        out.append(f"missing {missing[:3]}")
+    if extra:
+        out.append(f"unexpected {extra[:3]}")
+    for k, ref in reference.items():
+        t = model.get(k)
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(ref.shape):
+            out.append(f"{k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        elif t.dtype != ref.dtype:
+            out.append(f"{k!r} has dtype {t.dtype}, expected {ref.dtype}")
+    return out
