@@ -5,13 +5,24 @@ reads the run config (``[tool.flwr.app.config]`` in pyproject.toml, overridable 
 ``--run-config``), trains for ``rounds`` rounds with FedAvg (Flower's) or FedSGD (ours),
 both wrapped in :class:`strategies.Observed`, evaluates the global model centrally after
 every round, and writes to ``out-dir``: ``config.json``, ``rounds.jsonl`` (one JSON object
-per round), ``summary.json``, ``accuracy.png`` and ``model.pt`` (the final state dict).
+per round), ``summary.json``, ``accuracy.png``, ``model.pt`` (the final state dict) and,
+after every round, ``checkpoint.pt`` (see :mod:`precode_flower.checkpoint`); with the
+run-config key ``resume = true`` (``--resume DIR``) a run continues from the checkpoint in
+``out-dir``.
 
-``python server.py --superlink HOST:PORT --insecure [training flags]`` submits that app
-to a running SuperLink (which runs the ServerApp) and streams its log until the run ends.
+Reliability: every reply is validated (:class:`strategies.validation.ReplyValidator`, with
+the run's ``max-update-norm``, ``max-reply-mb`` and ``min-replies``); a client that fails,
+hangs past ``round-timeout`` (seconds per phase: train, then evaluate) or disappears costs
+only its own reply; after the first round the server samples whichever nodes are online,
+so a node that left does not stall the run.
+
+``python server.py --superlink HOST:PORT --root-certificates ca.pem [training flags]``
+(or ``--insecure``, with a warning, for plain-text local tests) submits that app to a
+running SuperLink (which runs the ServerApp) and streams its log until the run ends.
 It calls ``flwr run`` with a throw-away ``FLWR_HOME`` holding a single SuperLink connection,
 so no Flower config file needs editing (``--connection NAME`` uses a connection from your
-own ``$FLWR_HOME/config.toml`` instead). Deployment, step by step (all on 127.0.0.1)::
+own ``$FLWR_HOME/config.toml`` instead). docs/DEPLOYMENT.md shows the secure deployment
+(TLS, SuperNode authentication). Insecure, step by step (all on 127.0.0.1)::
 
     flower-superlink --insecure --host 127.0.0.1 --port 9093 \\
         --disable-runtime-dependency-installation
@@ -40,12 +51,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 from tqdm.auto import tqdm
 
+from precode_flower import checkpoint as ckpt_mod
 from precode_flower import data as data_mod
 from precode_flower import task
 from precode_flower.defenses import DEFENSES, parse_defenses
@@ -53,7 +66,7 @@ from precode_flower.models import MODELS
 from precode_flower.partition import SCHEMES
 from precode_flower.plotting import plot_accuracy
 from precode_flower.training import evaluate
-from strategies import FedSGD, Observed, Observer, aggregate_metrics
+from strategies import FedSGD, Observed, Observer, ReplyValidator, aggregate_metrics
 from strategies.auditor import add_audit_args, audit_from_run_config, audit_run_config
 
 log = logging.getLogger("precode_flower.server")
@@ -96,15 +109,39 @@ class RoundLog:
     :attr:`Observed.rounds` is complete.
     """
 
-    def __init__(self, out_dir: Path, observed: Observed, rounds: int, progress: bool) -> None:
+    def __init__(
+        self,
+        out_dir: Path,
+        observed: Observed,
+        rounds: int,
+        progress: bool,
+        *,
+        resume_after: int = 0,
+    ) -> None:
+        """``resume_after``: keep the rows of rounds 1..k already written, drop later ones
+        (written after the last checkpoint, they are about to be redone)."""
         self.path = out_dir / "rounds.jsonl"
-        self.path.write_text("")
+        self.rows: list[dict[str, Any]] = []
+        if resume_after and self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a line cut short by the interruption
+                    continue
+                if isinstance(row, dict) and 1 <= row.get("round", 0) <= resume_after:
+                    self.rows.append(row)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.path)
         self.observed = observed
         self.rounds = rounds
-        self.rows: list[dict[str, Any]] = []
         self.initial: dict[str, float] = {}
         self.bar = tqdm(
-            total=rounds, desc="rounds", unit="round", disable=None if progress else True
+            total=rounds,
+            initial=resume_after,
+            desc="rounds",
+            unit="round",
+            disable=None if progress else True,
         )
         self._last = time.perf_counter()
 
@@ -130,8 +167,11 @@ class RoundLog:
             "test_loss": loss,
             "test_accuracy": accuracy,
             "seconds": round(now - self._last, 3),
+            "skipped": rec.skipped,
             "rejections": rec.rejections,
             "failures": rec.failures,
+            "dropped_nodes": rec.dropped_nodes,
+            "evaluate_failures": rec.evaluate_failures,
         }
         self._last = now
         self.rows.append(row)
@@ -140,8 +180,12 @@ class RoundLog:
         self.bar.update(1)
         tl = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "n/a"
         extra = (
-            f" (rejected {rec.rejected}, failed {rec.failed})" if rec.rejected or rec.failed else ""
+            f" (rejected {rec.rejected}, failed {rec.failed}, no reply {rec.dropped})"
+            if rec.rejected or rec.failed or rec.dropped
+            else ""
         )
+        if rec.skipped:
+            extra += f" [round skipped, model unchanged: {rec.skipped}]"
         leak = [s(server_round) for o in self.observed.observers if (s := _round_status(o))]
         leak_text = "".join(f" | {t}" for t in leak if t)
         tqdm.write(
@@ -158,6 +202,75 @@ def _round_status(observer: Observer) -> Any:
     return getattr(observer, "round_status", None)
 
 
+def make_validator(cfg: task.RunConfig, strategy: Strategy) -> ReplyValidator:
+    """The reply checks of ``cfg`` (norm bound, byte limit, quorum) for ``strategy``."""
+    return ReplyValidator.from_limits(
+        getattr(strategy, "reply_keys", None),
+        getattr(strategy, "weighted_by_key", "num-examples"),
+        max_update_norm=cfg.max_update_norm,
+        max_reply_mb=cfg.max_reply_mb,
+        min_replies=cfg.min_replies,
+    )
+
+
+def load_resume_checkpoint(cfg: task.RunConfig, out_dir: str | Path) -> ckpt_mod.Checkpoint:
+    """The validated checkpoint in ``out_dir`` for resuming ``cfg``; CheckpointError if not."""
+    bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
+    reference = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=cfg.seed)
+    return ckpt_mod.load_checkpoint(
+        out_dir, config=cfg.to_config(), reference=reference.state_dict()
+    )
+
+
+def _seed_round(seed: int, server_round: int) -> None:
+    """Seed the server's RNGs from (seed, round) alone, so a resumed run samples the same
+    nodes as an uninterrupted one (Flower samples with the ``random`` module)."""
+    s = task.derive_seeds(seed, server_round, -1, n=1)[0]
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def train_rounds(
+    observed: Observed,
+    grid: Grid,
+    arrays: ArrayRecord,
+    cfg: task.RunConfig,
+    *,
+    first_round: int = 1,
+    evaluate_fn: Any = None,
+    after_round: Any = None,
+) -> ArrayRecord:
+    """Rounds ``first_round..cfg.rounds`` as Flower's ``Strategy.start`` runs them (train,
+    client evaluation, central evaluation), then ``after_round(round, arrays)``.
+
+    Unlike ``start``, it can begin at any round (resume), seeds each round from
+    (seed, round), and after the first round samples whichever nodes are online instead of
+    waiting for all ``cfg.clients``: a node that left must not stall the run.
+    Returns the final global arrays.
+    """
+    train_config = ConfigRecord(cfg.to_config())
+    evaluate_config = ConfigRecord(cfg.to_config())
+    inner = observed.strategy
+    for server_round in range(first_round, cfg.rounds + 1):
+        _seed_round(cfg.seed, server_round)
+        messages = observed.configure_train(server_round, arrays, train_config, grid)
+        replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
+        new, _ = observed.aggregate_train(server_round, replies)
+        if new is not None:
+            arrays = new
+        if hasattr(inner, "min_available_nodes"):
+            inner.min_available_nodes = 1
+        messages = observed.configure_evaluate(server_round, arrays, evaluate_config, grid)
+        replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
+        observed.aggregate_evaluate(server_round, replies)
+        if evaluate_fn is not None:
+            evaluate_fn(server_round, arrays)
+        if after_round is not None:
+            after_round(server_round, arrays)
+    return arrays
+
+
 def run_federation(
     grid: Grid,
     cfg: task.RunConfig,
@@ -165,19 +278,38 @@ def run_federation(
     *,
     observers: Sequence[Observer] = (),
     progress: bool = True,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Train ``cfg.rounds`` rounds on ``grid``; write the run's files to ``out_dir``.
 
+    After every round the checkpoint in ``out_dir`` is replaced. ``resume``: continue from
+    it (validated first: :class:`~precode_flower.checkpoint.CheckpointError` if it is
+    missing, corrupted or from another run; nothing is written then).
     Returns the summary (also written to ``summary.json``).
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_config(), indent=2) + "\n")
     bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
     model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=cfg.seed)
     param_keys = [n for n, _ in model.named_parameters()]
-    observed = Observed(make_strategy(cfg, param_keys), observers, sort_replies=True)
-    round_log = RoundLog(out, observed, cfg.rounds, progress)
+    strategy = make_strategy(cfg, param_keys)
+    resumed = load_resume_checkpoint(cfg, out) if resume else None
+    arrays = ArrayRecord(model.state_dict())
+    if resumed is not None:
+        arrays = ArrayRecord(resumed.model)
+        if isinstance(strategy, FedSGD):
+            try:
+                strategy.load_state_dict(arrays, resumed.strategy)
+            except ValueError as err:
+                raise ckpt_mod.CheckpointError(f"checkpoint in {out}: {err}") from err
+        ckpt_mod.set_rng_state(resumed.rng)
+        log.info("resuming %s after round %d", out, resumed.round)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_config(), indent=2) + "\n")
+    observed = Observed(strategy, observers, make_validator(cfg, strategy), sort_replies=True)
+    done = resumed.round if resumed is not None else 0
+    round_log = RoundLog(out, observed, cfg.rounds, progress, resume_after=done)
+    if resumed is not None:
+        round_log.initial = dict(resumed.initial)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         task.load_state(model, arrays.to_torch_state_dict())
@@ -185,26 +317,41 @@ def run_federation(
         round_log.on_evaluation(server_round, stats.loss, stats.accuracy)
         return MetricRecord({"test-loss": stats.loss, "test-accuracy": stats.accuracy})
 
-    random.seed(cfg.seed)  # Flower samples nodes with the `random` module
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+        state = strategy.state_dict() if isinstance(strategy, FedSGD) else {}
+        ckpt_mod.save_checkpoint(
+            out,
+            ckpt_mod.Checkpoint(
+                round=server_round,
+                config=cfg.to_config(),
+                model=arrays.to_torch_state_dict(),
+                strategy=state,
+                rng=ckpt_mod.rng_state(),
+                initial=round_log.initial,
+            ),
+        )
+
     started = time.perf_counter()
     try:
-        result = observed.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.rounds,
-            timeout=cfg.round_timeout,
-            train_config=ConfigRecord(cfg.to_config()),
-            evaluate_config=ConfigRecord(cfg.to_config()),
+        if resumed is None:
+            central_evaluation(0, arrays)
+        strategy.summary()
+        arrays = train_rounds(
+            observed,
+            grid,
+            arrays,
+            cfg,
+            first_round=done + 1,
             evaluate_fn=central_evaluation,
+            after_round=checkpoint,
         )
     finally:
         observed.close()
         round_log.close()
-    final = result.arrays if result.arrays is not None and len(result.arrays) else None
-    if final is not None:
-        torch.save(final.to_torch_state_dict(), out / "model.pt")
+    torch.save(arrays.to_torch_state_dict(), out / "model.pt")
     summary = {
         "rounds": len(round_log.rows),
+        "resumed_after": done or None,
         "initial": round_log.initial,
         "final_test_accuracy": round_log.rows[-1]["test_accuracy"] if round_log.rows else None,
         "seconds": round(time.perf_counter() - started, 3),
@@ -234,13 +381,14 @@ def make_server_app(
     *,
     observers: Sequence[Observer] = (),
     progress: bool = True,
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp that runs ``cfg`` (for ``run_simulation``, which ignores run configs)."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg, out_dir, observers=observers, progress=progress)
+        run_federation(grid, cfg, out_dir, observers=observers, progress=progress, resume=resume)
 
     return server_app
 
@@ -253,9 +401,16 @@ def main(grid: Grid, context: Context) -> None:
     """Entry point of ``flwr run`` / the SuperLink: the config comes from the run config."""
     cfg = task.RunConfig.from_mapping(context.run_config)
     out = str(cfg.extra.get("out-dir") or "") or default_out_dir()
+    resume = str(cfg.extra.get("resume", False)).strip().lower() in ("1", "true", "yes")
+    if resume and not cfg.extra.get("out-dir"):
+        raise ValueError("resume needs out-dir: the run directory holding checkpoint.pt")
+    if resume:  # fail before the audit starts workers
+        load_resume_checkpoint(cfg, out)
     # The honest-but-curious audit, if the run config asks for it (no ground truth here).
     audit = audit_from_run_config(context.run_config, out, seed=cfg.seed)
-    run_federation(grid, cfg, out, observers=[audit] if audit else (), progress=False)
+    run_federation(
+        grid, cfg, out, observers=[audit] if audit else (), progress=False, resume=resume
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -348,9 +503,41 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_clients: int) 
         action="store_true",
         help="clients also report the train-split indices they used (evaluation only)",
     )
-    g.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds per round")
+    g.add_argument(
+        "--round-timeout",
+        type=float,
+        default=d.round_timeout,
+        help="seconds to wait for replies, per phase (train, evaluate); later replies are lost",
+    )
     g.add_argument("--fault-injection", default="", help=argparse.SUPPRESS)
     g.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
+    r = parser.add_argument_group("reliability")
+    r.add_argument(
+        "--max-update-norm",
+        type=float,
+        default=d.max_update_norm,
+        help="reject updates whose L2 norm (FedSGD: gradient; FedAvg: weights - global) "
+        "exceeds this (default 0: no bound)",
+    )
+    r.add_argument(
+        "--max-reply-mb",
+        type=float,
+        default=d.max_reply_mb,
+        help="reject replies larger than this many MiB (default 0: twice the model + 8 MiB)",
+    )
+    r.add_argument(
+        "--min-replies",
+        type=_positive_int,
+        default=d.min_replies,
+        help="skip a round (model unchanged) with fewer valid replies than this",
+    )
+    r.add_argument(
+        "--resume",
+        metavar="DIR",
+        default=None,
+        help="continue the run in DIR from its last completed round (same flags; --rounds may "
+        "grow); results are appended there",
+    )
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> task.RunConfig:
@@ -386,6 +573,9 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             audit_ground_truth=args.audit_ground_truth,
             round_timeout=args.round_timeout,
             fault_injection=args.fault_injection,
+            max_update_norm=args.max_update_norm,
+            max_reply_mb=args.max_reply_mb,
+            min_replies=args.min_replies,
         )
     except ValueError as err:
         parser.error(str(err))
@@ -515,16 +705,52 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+INSECURE_WARNING = (
+    "WARNING: --insecure: traffic to the SuperLink is plain text and the SuperLink is not "
+    "authenticated. Use it only for local tests; see docs/DEPLOYMENT.md for TLS."
+)
+
+
+def out_dir_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    """``--resume DIR`` (``--out``, if given, must name the same directory), ``--out``, or
+    a fresh ``runs/<timestamp>``."""
+    if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            parser.error("--resume DIR continues in DIR; --out must be DIR or left out")
+        return Path(args.resume)
+    return Path(args.out) if args.out else default_out_dir()
+
+
+def check_resumable(parser: argparse.ArgumentParser, cfg: task.RunConfig, out: Path) -> None:
+    """Exit with the reason if ``out`` holds no checkpoint that ``cfg`` can resume."""
+    try:
+        load_resume_checkpoint(cfg, out)
+    except ckpt_mod.CheckpointError as err:
+        parser.error(f"--resume: {err}")
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
+    if args.insecure and args.root_certificates:
+        parser.error("--insecure and --root-certificates contradict; TLS needs only the latter")
     if not args.insecure and not args.root_certificates and args.connection is None:
-        parser.error("give --insecure, or --root-certificates CA.pem for TLS")
+        parser.error(
+            "refusing to connect without TLS: give --root-certificates CA.pem (see "
+            "docs/DEPLOYMENT.md), or --insecure for a plain-text local test"
+        )
+    if args.root_certificates and not Path(args.root_certificates).is_file():
+        parser.error(f"--root-certificates: no such file {args.root_certificates}")
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    out = out_dir_from_args(parser, args)
+    if args.resume and Path(out).exists():  # the SuperLink may see another filesystem
+        check_resumable(parser, cfg, out)
     run_config: dict[str, bool | int | float | str] = dict(cfg.to_config())
-    out = Path(args.out) if args.out else default_out_dir()
     # The ServerApp runs in the SuperLink's process tree: give it an absolute path.
     run_config["out-dir"] = str(out.resolve())
+    run_config["resume"] = bool(args.resume)
     run_config.update(audit_run_config(args))
     code, run_id, status = submit(
         run_config,

@@ -3,12 +3,14 @@
     python simulate.py --clients 10                       # FedAvg, MLP, CIFAR-10, 3 rounds
     python simulate.py --mode fedsgd --defense precode --rounds 5
     python simulate.py --defense noise,prune --sigma 0.05 --partition dirichlet --alpha 0.3
+    python simulate.py --rounds 10 --out runs/a      # interrupted (Ctrl-C, crash, kill) ...
+    python simulate.py --rounds 10 --resume runs/a   # ... continues after the last round done
 
 Clients are Flower ``ClientApp`` instances run by Ray actors (1 CPU each by default, so
 there are as many parallel clients as cores); the ServerApp runs in this process and
 evaluates the global model on the test split after each round. Results go to ``--out``
 (default ``runs/<timestamp>``): ``config.json``, ``rounds.jsonl``, ``summary.json``,
-``accuracy.png``, ``model.pt``.
+``accuracy.png``, ``model.pt`` and ``checkpoint.pt`` (replaced after every round).
 
 Ray: a private local Ray instance that listens on 127.0.0.1 only (dashboard off, temp dir
 under the system temp dir, removed afterwards) unless ``--ray-address`` names a running
@@ -43,7 +45,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server import OneLineParser, add_training_args, config_from_args, default_out_dir
+from server import (
+    OneLineParser,
+    add_training_args,
+    check_resumable,
+    config_from_args,
+    out_dir_from_args,
+)
 from strategies.auditor import add_audit_args, audit_from_args, simulation_ground_truth
 
 LOOPBACK = {"127.0.0.1", "localhost"}
@@ -142,7 +150,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Must be set before Ray is imported; see the module docstring.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
-    out = Path(args.out) if args.out else default_out_dir()
+    # Ray's processes are multi-threaded; glibc then keeps up to 8 malloc arenas per core
+    # per process, and the client actors' freed message buffers stay resident. Two arenas
+    # cut the actors' memory by about a fifth (see docs/BENCHMARKS.md, Federation overhead).
+    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    out = out_dir_from_args(parser, args)
+    if args.resume:  # a missing, corrupted or foreign checkpoint: exit 2 before Ray starts
+        check_resumable(parser, cfg, out)
 
     _configure_logging(args.verbose)
     try:  # starts the audit workers; fails here on a senseless budget or device
@@ -169,7 +183,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run_simulation(
             server_app=make_server_app(
-                cfg, out, observers=[audit] if audit else (), progress=not args.no_progress
+                cfg,
+                out,
+                observers=[audit] if audit else (),
+                progress=not args.no_progress,
+                resume=bool(args.resume),
             ),
             client_app=client_app,
             num_supernodes=cfg.clients,

@@ -34,7 +34,7 @@ def test_pyproject_declares_the_flower_app_and_every_run_config_key() -> None:
     assert {k: config[k] for k in defaults} == defaults
     assert config["out-dir"] == ""
     # Every other key belongs to the auditor, which reads them from the run config.
-    assert {k for k in config if k not in defaults} - {"out-dir"} <= {
+    assert {k for k in config if k not in defaults} - {"out-dir", "resume"} <= {
         "audit",
         "audit-every",
         "audit-clients",
@@ -80,7 +80,9 @@ class Federation:
                 subprocess.Popen(
                     args,
                     cwd=self.root,
-                    env={**os.environ, "PYTHONPATH": ""},
+                    # One torch thread per process: three processes share this machine's
+                    # cores, and oversubscribed OpenMP threads slow torch down many times.
+                    env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"},
                     stdout=fh,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
