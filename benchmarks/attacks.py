@@ -159,11 +159,11 @@ def speed(x: torch.Tensor, y: torch.Tensor, rounds: int, quick: bool) -> dict[st
     return out
 
 
-def time_to_ssim(x_all, y_all, mean, std, count: int, target: float) -> list[dict[str, Any]]:
+def time_to_ssim(x_all, y_all, mean, std, indices: list[int], target: float) -> list[dict]:
     """Wall time of ig (paper's configuration, labels known) until SSIM >= target."""
     model = make("mlp", False)
     rows = []
-    for i in range(count):
+    for i in indices:
         x, y = x_all[i : i + 1], y_all[i : i + 1]
         grads = client_update(model, x, y, i)
 
@@ -196,7 +196,7 @@ def time_to_ssim(x_all, y_all, mean, std, count: int, target: float) -> list[dic
     return rows
 
 
-def noise_effect(x_all, y_all, count: int) -> dict[str, float]:
+def noise_effect(x_all, y_all, indices: list[int]) -> dict[str, float]:
     """Cosine similarity of one image's gradients under two PRECODE draws (mean over images).
 
     How much the bottleneck's noise changes the update the server sees: the attacker can
@@ -206,7 +206,7 @@ def noise_effect(x_all, y_all, count: int) -> dict[str, float]:
     for arch in ("mlp", "convnet"):
         model = make(arch, True)
         sims = []
-        for i in range(count):
+        for i in indices:
             x, y = x_all[i : i + 1], y_all[i : i + 1]
             a = torch.cat([g.flatten() for g in client_update(model, x, y, i)])
             b = torch.cat([g.flatten() for g in client_update(model, x, y, i + 10_000)])
@@ -280,6 +280,8 @@ def main() -> None:
 
     quick = args.quick
     n_images = args.images or (2 if quick else 8)
+    if not 1 <= n_images <= 10:
+        parser.error("--images must be between 1 and 10 (one image per class)")
     its = args.iterations or (100 if quick else 7000)
     iterations = {"mlp": its, "convnet": args.convnet_iterations or its}
     rounds = args.rounds or (1 if quick else 5)
@@ -295,17 +297,19 @@ def main() -> None:
     mean, std = bundle.mean, bundle.std
 
     print("speed (paper's MLP, batch 1)", flush=True)
+    # One image per class (the test split is sorted by class): the first of classes 0, 1, ...
+    indices = [int((y_all == c).nonzero()[0]) for c in range(n_images)]
     spd = speed(x_all[:1], y_all[:1], rounds, quick)
     print(f"  {spd}", flush=True)
-    ttss = time_to_ssim(x_all, y_all, mean, std, n_images, 0.99)
-    noise = noise_effect(x_all, y_all, n_images)
+    ttss = time_to_ssim(x_all, y_all, mean, std, indices, 0.99)
+    noise = noise_effect(x_all, y_all, indices)
     print(f"  gradient cosine under two PRECODE draws: {noise}", flush=True)
 
     cells = [("mlp", False), ("mlp", True), ("convnet", False), ("convnet", True)]
     jobs = [
         {"arch": a, "precode": p, "index": i, "iterations": iterations, "threads": args.threads}
         for a, p in cells
-        for i in range(n_images)
+        for i in indices
     ]
     print(f"{len(jobs)} attack jobs on {args.workers} worker(s)", flush=True)
     if args.workers > 1:
@@ -317,7 +321,7 @@ def main() -> None:
         outs = [run_cell_image(job) for job in jobs]
     total_minutes = (time.perf_counter() - started) / 60
 
-    grid_rows = {"original": x_all[:n_images]}
+    grid_rows = {"original": x_all[indices]}
     for arch, precode in cells:
         for attack in attacks_for(arch, precode):
             key = f"{arch} {'PRECODE' if precode else 'plain'}\n{attack}"
@@ -387,7 +391,8 @@ Target: <= 60 s.
 
 ### Reconstruction quality (batch 1, untrained models, labels recovered)
 
-{n_images} CIFAR-10 test images (the first {n_images} of the test split), one client update
+{n_images} CIFAR-10 test images (the first test image of each of the classes
+{", ".join(bundle.classes[:n_images])}), one client update
 each (the client's PRECODE draw seeded differently from the attacker's). Means ± standard
 deviations over the images; success = SSIM >= {metrics.SUCCESS_SSIM}. `iterations` is the ig
 iteration budget{budget_note};
