@@ -282,6 +282,8 @@ class ReplyValidator:
             return f"expected one ArrayRecord {self.array_record_key!r}, got {arrays}"
         if metrics != [self.metric_record_key]:
             return f"expected one MetricRecord {self.metric_record_key!r}, got {metrics}"
+        if content.config_records:
+            return f"unexpected records {list(content.config_records)}"
         if not isinstance(content[self.array_record_key], ArrayRecord) or not isinstance(
             content[self.metric_record_key], MetricRecord
         ):

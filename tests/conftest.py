@@ -146,3 +146,56 @@ class InProcessGrid:
 @pytest.fixture
 def inprocess_grid() -> type[InProcessGrid]:
     return InProcessGrid
+
+
+# --- docs/RELIABILITY.md: the fault table is rendered from what the tests observed ---------
+
+_RELIABILITY_ROWS: list[dict] = []
+_REPORTS: dict[str, str] = {}
+
+
+@pytest.fixture
+def reliability(request):
+    """``reliability(fault, injection, observed)`` records one row of docs/RELIABILITY.md.
+
+    ``observed`` must be built from the values the test checked. With
+    ``PRECODE_RELIABILITY_TABLE=docs/RELIABILITY.md`` the session renders the table there
+    (``tools/reliability_table.py``), with each row's test outcome.
+    """
+
+    def record(fault: str, injection: str, observed: str) -> None:
+        _RELIABILITY_ROWS.append(
+            {
+                "fault": fault,
+                "injection": injection,
+                "observed": observed,
+                "test": request.node.nodeid,
+            }
+        )
+
+    return record
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" or report.outcome != "passed":
+        _REPORTS[item.nodeid] = report.outcome
+    return report
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    target = os.environ.get("PRECODE_RELIABILITY_TABLE")
+    if not target or not _RELIABILITY_ROWS:
+        return
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location(
+        "reliability_table", Path(__file__).resolve().parents[1] / "tools/reliability_table.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [{**r, "outcome": _REPORTS.get(r["test"], "unknown")} for r in _RELIABILITY_ROWS]
+    Path(target).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
+    module.write_table(rows, Path(target))
