@@ -559,7 +559,7 @@ def inject_fault(
     For robustness tests only: ``raise`` raises RuntimeError, ``nan``/``inf`` poison one
     entry, ``shape`` drops the last row of the first array, ``missing`` drops an array,
     ``scale`` multiplies every array by 1e6 (an absurd magnitude), ``dtype`` sends float64,
-    ``hang`` sleeps for twice the round timeout (the server must give up on this client).
+    ``hang`` sleeps for the round timeout + 5 s (the server must give up on this client).
     """
     for kind, pid, rnd in parse_faults(cfg.fault_injection):
         if pid != partition_id or (rnd is not None and rnd != server_round):
@@ -569,7 +569,7 @@ def inject_fault(
         if kind == "raise":
             raise RuntimeError(f"injected fault: partition {partition_id} raises")
         if kind == "hang":
-            time.sleep(2 * cfg.round_timeout)
+            time.sleep(cfg.round_timeout + 5.0)  # starts after the update: misses the round
             continue
         if kind in ("nan", "inf"):
             arrays[first].reshape(-1)[0] = np.nan if kind == "nan" else np.inf
