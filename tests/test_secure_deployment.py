@@ -211,8 +211,10 @@ def test_tls_authenticated_nodes_train_unregistered_is_rejected_killed_node_is_s
             ],
         )  # fmt: skip
     procs.wait_for("superlink", "Activated node_id", count=2)
-    # The unregistered node is refused and gives up (Flower exit code 305).
-    assert procs.procs["supernode2"].wait(timeout=90) == 305, procs.log("supernode2")
+    # The unregistered node is refused and gives up (Flower's exit code 305, logged; the
+    # process itself exits with 1).
+    assert procs.procs["supernode2"].wait(timeout=90) != 0, procs.log("supernode2")
+    assert "Exit Code: 305" in procs.log("supernode2")
     assert "Failed to activate SuperNode" in procs.log("supernode2")
     assert "No SuperNode found with the given public key" in procs.log("superlink")
     # Nothing of ours listens beyond loopback.
@@ -269,7 +271,7 @@ def test_tls_authenticated_nodes_train_unregistered_is_rejected_killed_node_is_s
         "unregistered SuperNode",
         "a SuperNode with a valid key that was never registered",
         "activation refused by the SuperLink (`No SuperNode found with the given public "
-        "key`); the SuperNode exits with code 305 and never receives a message",
+        "key`); the SuperNode stops with Flower exit code 305 and never receives a message",
     )
     how = "no reply before the timeout" if second["dropped"] else "error reply"
     reliability(
