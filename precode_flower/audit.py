@@ -292,9 +292,23 @@ def _run_attack(
     return row, images
 
 
+def _prefer_oom_kill() -> None:
+    """Ask Linux's out-of-memory killer to pick this worker first (oom_score_adj 1000).
+
+    An attack that exhausts memory then costs its own worker (replaced, the run logged as
+    an error), never the server; raising one's own score needs no privilege.
+    """
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass  # not Linux, or /proc not writable: nothing to do
+
+
 def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None:
     """Worker loop: hold one job's payload, run attacks on it, send rows back."""
     torch.set_num_threads(threads)
+    _prefer_oom_kill()
     if nice and hasattr(os, "nice"):
         os.nice(nice)  # training first: the audit takes the CPU time that training leaves
     dev = torch.device(device)
