@@ -12,8 +12,10 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 from clients.client_app import app as client_app
 from precode_flower import task
+from precode_flower.attacks import ATTACKS, AttackResult, register
+from precode_flower.audit import LeakageAuditor
 from server import run_federation
 from strategies import Observed
+from strategies.auditor import AuditObserver
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = 2  # honest clients (partitions 0 and 1) in the bad-update round
@@ -391,4 +396,79 @@ def test_a_client_that_raises_or_hangs_costs_only_its_reply(
         f"no reply: counted as dropped in round 2 (node {dropped['node_id']}, partition "
         f"{dropped['partition_id']}); the round closed after {second['seconds']:.0f} s with "
         f"{second['clients']} reply; the run completed {len(rows)} rounds",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Auditor isolation: whatever the attacks do, training computes the same model
+
+if "rel-raise" not in ATTACKS:  # workers import this module to find these attacks
+
+    @register("rel-raise")
+    def _raise(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+        score = Path("/proc/self/oom_score_adj")
+        raise RuntimeError(f"attack bug (oom_score_adj={score.read_text().strip()})")
+
+    @register("rel-oom")
+    def _oom(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+        os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
+        raise AssertionError("not reached")
+
+    @register("rel-hang")
+    def _hang(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+        time.sleep(120)
+        raise AssertionError("not reached")
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_auditor_crashes_timeouts_and_oom_never_touch_training(
+    tmp_path, inprocess_grid, reliability, caplog
+) -> None:
+    cfg = task.RunConfig(mode="fedavg", clients=2, rounds=1, local_steps=1)
+    run_federation(inprocess_grid(client_app, 2), cfg, tmp_path / "plain", progress=False)
+    auditor = LeakageAuditor(
+        tmp_path / "audited",
+        ["rel-raise", "rel-oom", "rel-hang"],
+        time_limit=2,
+        max_pending=1,  # 2 clients in the round: the second job is dropped
+        progress=False,
+        print_summary=False,
+    )
+    observer = AuditObserver(auditor, close_timeout=60)
+    with caplog.at_level(logging.WARNING, logger="precode_flower.audit"):
+        run_federation(
+            inprocess_grid(client_app, 2),
+            cfg,
+            tmp_path / "audited",
+            observers=[observer],
+            progress=False,
+        )
+    plain = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    audited = torch.load(tmp_path / "audited" / "model.pt", weights_only=True)
+    assert all(torch.equal(plain[k], audited[k]) for k in plain)
+    rows = [
+        json.loads(line)
+        for line in (tmp_path / "audited" / "leakage.jsonl").read_text().splitlines()
+    ]
+    status = {(r["attack"], r["status"]) for r in rows}
+    assert ("rel-raise", "error") in status and ("rel-hang", "timeout") in status
+    oom = [r for r in rows if r["attack"] == "rel-oom" and r["status"] == "error"]
+    assert oom and "died" in oom[0]["error"]
+    raised = next(r for r in rows if r["attack"] == "rel-raise" and r["status"] == "error")
+    assert "oom_score_adj=1000" in raised["error"]  # the OOM killer picks workers first
+    dropped = [r for r in rows if r["status"] == "dropped"]
+    assert dropped and all("queue full (1)" in r["error"] for r in dropped)
+    assert "queue full" in caplog.text
+    reliability(
+        "auditor attack raises / is OOM-killed / hangs",
+        "attacks that raise, SIGKILL their worker (as the OOM killer would) and sleep past "
+        "`time_limit=2`; workers run at oom_score_adj 1000",
+        "logged as error / error (worker died, replaced) / timeout (worker killed, replaced); "
+        "the trained model is bit-for-bit the model of the same run without the audit",
+    )
+    reliability(
+        "auditor backlog",
+        "`max_pending=1` while the round submits 2 jobs",
+        f"{len(dropped) // 3} job(s) dropped at submission with a logged reason (queue "
+        "full), written as `dropped` rows; pending audit memory bounded by max_pending",
     )
