@@ -103,6 +103,14 @@ def _partition_of(msg: Message, key: str) -> int | None:
     return int(pid) if isinstance(pid, int | float) and not isinstance(pid, bool) else None
 
 
+def _from_node(msg: Message, origin: dict[str, int]) -> Message:
+    """``msg`` with the node it answers for as its source (see ``Observed._requests``)."""
+    node = origin.get(msg.metadata.reply_to_message_id)
+    if node is not None and node != msg.metadata.src_node_id:
+        msg.metadata.__dict__["_src_node_id"] = node
+    return msg
+
+
 def _inexact(a: Any) -> bool:
     return np.issubdtype(np.dtype(a.dtype), np.inexact)
 
@@ -139,7 +147,10 @@ class Observed(Strategy):
         #: node id -> partition id, from every reply that reported one (for the logs).
         self.partitions: dict[int, int] = {}
         self._contexts: dict[int, RoundContext] = {}
-        self._sent: dict[int, set[int]] = {}
+        # The messages sent per (phase, round): the grid gives them their ids when it pushes
+        # them, and a reply names the id it answers. The SuperLink answers for a node that
+        # went offline with an error whose source is itself, not the node.
+        self._requests: dict[tuple[str, int], list[Message]] = {}
         self._closed = False
 
     def __getattr__(self, name: str) -> Any:
@@ -177,7 +188,7 @@ class Observed(Strategy):
             global_arrays={k: v.numpy() for k, v in sent_arrays.items()},
             train_config=dict(sent_config),
         )
-        self._sent[server_round] = {m.metadata.dst_node_id for m in messages}
+        self._requests["train", server_round] = messages
         self.record(server_round).sent = len(messages)
         return messages
 
@@ -187,8 +198,10 @@ class Observed(Strategy):
         replies = list(replies)
         context = self._contexts.pop(server_round, None) or RoundContext(server_round, {}, {})
         rec = self.record(server_round)
-        sent = self._sent.pop(server_round, set())
+        origin = self._origins("train", server_round)
+        sent = set(origin.values())
         akey, mkey = self.validator.array_record_key, self.validator.metric_record_key
+        replies = [_from_node(m, origin) for m in replies]
         self._learn_partitions(replies, mkey)
         missing = sorted(sent - {m.metadata.src_node_id for m in replies})
         rec.dropped = len(missing)
@@ -271,12 +284,15 @@ class Observed(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
+        messages = list(self.strategy.configure_evaluate(server_round, arrays, config, grid))
+        self._requests["evaluate", server_round] = messages
+        return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        replies = list(replies)
+        origin = self._origins("evaluate", server_round)
+        replies = [_from_node(m, origin) for m in replies]
         if self.sort_replies:
             replies.sort(
                 key=lambda m: _sort_key(_partition_of(m, "metrics"), m.metadata.src_node_id)
@@ -310,6 +326,14 @@ class Observed(Strategy):
             if isinstance(weight, int | float) and math.isfinite(weight)
             else 0,
         )
+
+    def _origins(self, phase: str, server_round: int) -> dict[str, int]:
+        """{message id: destination node} of the messages sent in this phase and round."""
+        sent = self._requests.pop((phase, server_round), [])
+        return {
+            m.metadata.message_id or f"unsent-{i}": m.metadata.dst_node_id
+            for i, m in enumerate(sent)
+        }
 
     def _learn_partitions(self, replies: list[Message], key: str) -> None:
         for msg in replies:
