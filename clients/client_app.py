@@ -9,6 +9,8 @@ Messages (Flower 1.42 Message API):
   ``num-examples`` (FedSGD: batch size; FedAvg: partition size), ``train-loss``,
   ``train-accuracy``, ``partition-id`` and, only with ``audit-ground-truth``,
   ``batch-indices`` (indices into the dataset's train split; see :mod:`precode_flower.task`).
+- query: no content; reply ``{"metrics": MetricRecord}`` with ``partition-id`` and
+  ``num-partitions`` (the server orders nodes by partition before sampling).
 - evaluate: same content; reply ``{"metrics": MetricRecord}`` with ``num-examples``,
   ``eval-loss``, ``eval-accuracy``, ``partition-id`` on the client's test share.
 
@@ -103,4 +105,13 @@ def evaluate(msg: Message, context: Context) -> Message:
             "partition-id": data.partition_id,
         }
     )
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this node's partition id (it orders nodes by it before sampling, so
+    that the same seed samples the same partitions whatever the node ids)."""
+    pid, n, _ = _node_settings(context)
+    metrics = MetricRecord({"partition-id": pid, "num-partitions": n})
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)
