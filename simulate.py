@@ -35,6 +35,8 @@ clients in each round's ConfigRecord.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import shutil
@@ -108,6 +110,15 @@ def _configure_logging(verbose: bool) -> None:
         h.addFilter(_DropDeprecation())
 
 
+def _limit_malloc_arenas(value: str) -> None:
+    """MALLOC_ARENA_MAX for this (already running) process too; glibc only."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-8, int(value))  # M_ARENA_MAX
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="simulate.py", description="Simulate a PRECODE federation with Flower + Ray."
@@ -154,6 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # per process, and the client actors' freed message buffers stay resident. Two arenas
     # cut the actors' memory by about a fifth (see docs/BENCHMARKS.md, Federation overhead).
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
+    _limit_malloc_arenas(os.environ["MALLOC_ARENA_MAX"])
     out = out_dir_from_args(parser, args)
     if args.resume:  # a missing, corrupted or foreign checkpoint: exit 2 before Ray starts
         check_resumable(parser, cfg, out)
