@@ -309,13 +309,15 @@ def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None
     """Worker loop: hold one job's payload, run attacks on it, send rows back."""
     torch.set_num_threads(threads)
     _prefer_oom_kill()
-    if nice and hasattr(os, "nice"):
-        os.nice(nice)  # training first: the audit takes the CPU time that training leaves
     dev = torch.device(device)
     # Import what scoring needs before reporting ready, so that the first attack's wall time
     # (and its time limit) does not include seconds of imports (torchmetrics, scipy).
     from . import metrics  # noqa: F401
 
+    if nice and hasattr(os, "nice"):
+        # Training first: attacks take the CPU time that training leaves. Only now, so that a
+        # busy machine does not starve the worker's start-up.
+        os.nice(nice)
     conn.send(("ready", os.getpid()))
     payload: dict[str, Any] | None = None
     model: nn.Module | None = None
@@ -414,6 +416,9 @@ class LeakageAuditor:
         attack_options: extra options per attack, e.g. ``{"ig": {"lr": 0.1}}``.
         progress: show a progress bar while :meth:`close` waits.
         print_summary: print the summary when :meth:`close` writes it.
+        append: continue an existing ``leakage.jsonl`` (a resumed run) instead of starting
+            it afresh; a later row for the same (round, client, attack) supersedes an
+            earlier one in the summary.
 
     Raises:
         ValueError: on an unknown attack or a senseless budget, before any process starts.
@@ -438,6 +443,7 @@ class LeakageAuditor:
         attack_options: Mapping[str, Mapping[str, Any]] | None = None,
         progress: bool = True,
         print_summary: bool = True,
+        append: bool = False,
     ) -> None:
         self.attacks = validate_attacks(attacks)
         _check_int("every", every, 1)
@@ -483,15 +489,19 @@ class LeakageAuditor:
         self.jsonl_path = self.out_dir / "leakage.jsonl"
         self.summary_path = self.out_dir / "leakage_summary.md"
         self.plot_path = self.out_dir / "leakage.png"
-        _private_open(self.jsonl_path, "w").close()  # recovered labels are private data too
+        previous = _read_rows(self.jsonl_path) if append else []
+        # Owner-only: recovered labels are private data too.
+        _private_open(self.jsonl_path, "a" if append else "w").close()
 
         #: Jobs dropped at submission (queue full, or submitted after close).
         self.dropped = 0
         #: Attack runs abandoned by :meth:`close` (queued or running at its time limit).
         self.abandoned = 0
-        self._rows: list[dict[str, Any]] = []
+        self._rows: list[dict[str, Any]] = previous
         self._rounds: dict[int, _Round] = defaultdict(_Round)
-        self._defenses: list[str] = []
+        for row in previous:
+            self._rounds[row["round"]].rows.append(row)
+        self._defenses: list[str] = list(dict.fromkeys(str(r["defense"]) for r in previous))
         self._jobs: dict[int, _Job] = {}
         self._queue: deque[_Task] = deque()
         self._grids_due: list[int] = []
@@ -691,7 +701,7 @@ class LeakageAuditor:
         with self._lock:
             rounds = {r: s.grid for r, s in self._rounds.items() if s.grid is not None}
             text = summarize(
-                self.rows,
+                latest_rows(self.rows),
                 self.attacks,
                 defenses=self._defenses,
                 success_ssim=self.success_ssim,
@@ -1034,6 +1044,30 @@ def _snapshot(job: AuditJob) -> dict[str, Any]:
         "local_batch_size": job.local_batch_size,
         "ground_truth": truth,
     }
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of an existing ``leakage.jsonl`` (none if it is missing; torn lines skipped)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if isinstance(row, dict) and {"round", "client", "attack"} <= row.keys():
+            row.setdefault("defense", "none")
+            rows.append(row)
+    return rows
+
+
+def latest_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The last row per (round, client, attack), in first-seen order (resumed runs)."""
+    latest: dict[tuple[Any, str, str], dict[str, Any]] = {}
+    for r in rows:
+        latest[(r["round"], str(r["client"]), str(r["attack"]))] = dict(r)
+    return list(latest.values())
 
 
 def _client_key(client: Any) -> tuple[int, Any]:

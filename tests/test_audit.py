@@ -180,13 +180,22 @@ def test_close_abandons_work_past_its_limit(tmp_path: Path) -> None:
 
 def test_deployment_reports_evidence_without_scores(tmp_path: Path) -> None:
     auditor = LeakageAuditor(tmp_path, ["analytic"], progress=False, print_summary=False)
-    auditor.submit_many([job(1, 0, truth=False), job(1, 1, truth=False)])
+    auditor.submit(job(1, 0, truth=False))
+    auditor.close(60)
+    # A resumed run continues leakage.jsonl; its summary covers both parts.
+    auditor = LeakageAuditor(
+        tmp_path, ["analytic"], progress=False, print_summary=False, append=True
+    )
+    auditor.submit(job(2, 1, truth=False))
     summary = auditor.close(60)
     rows = read_rows(tmp_path)
+    assert [(r["round"], r["client"]) for r in rows] == [(1, 0), (2, 1)]
     assert all(r["status"] == "ok" and r["scored"] is False and "ssim" not in r for r in rows)
     assert all(r["recovered"] == 1 and r["labels"] is not None for r in rows)
     assert "SCORES UNAVAILABLE" in summary and "claims exact recovery of 2/2" in summary
-    assert "round0001.png" in {p.name for p in (tmp_path / "reconstructions").iterdir()}
+    assert {"round0001.png", "round0002.png"} <= {
+        p.name for p in (tmp_path / "reconstructions").iterdir()
+    }
 
 
 def _row(attack: str, ssim: float, defense: str = "precode", **extra: object) -> dict:
