@@ -484,7 +484,10 @@ def simulation_ground_truth(args: argparse.Namespace) -> bool:
 def audit_from_args(
     args: argparse.Namespace, out_dir: str | os.PathLike[str], *, ground_truth: bool
 ) -> AuditObserver | None:
-    """The observer the flags ask for (None without ``--audit``); ValueError on bad budgets."""
+    """The observer the flags ask for (None without ``--audit``); ValueError on bad budgets.
+
+    With ``args.resume`` set the audit continues the run directory's ``leakage.jsonl``.
+    """
     if not args.audit:
         return None
     auditor = LeakageAuditor(
@@ -496,6 +499,7 @@ def audit_from_args(
         time_limit=args.audit_time_limit,
         device=args.audit_device,
         seed=getattr(args, "seed", 0),
+        append=bool(getattr(args, "resume", None)),  # a resumed run keeps its earlier rows
     )
     return AuditObserver(auditor, ground_truth=ground_truth, close_timeout=args.audit_wait)
 
@@ -543,5 +547,6 @@ def audit_from_run_config(
         audit_device=str(config.get("audit-device") or "cpu"),
         audit_wait=number("audit-wait", float, 600.0),
         seed=seed,
+        resume=_truthy(config.get("resume", False)),
     )
     return audit_from_args(args, out_dir, ground_truth=False)
