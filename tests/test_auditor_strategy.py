@@ -108,26 +108,27 @@ def test_a_broken_attack_is_logged_and_training_is_unaffected(
     assert all(r["success"] for r in rows if r["attack"] == "analytic")
 
 
-def test_unknown_attack_or_senseless_budget_fails_at_start(tmp_path: Path) -> None:
+def test_unknown_attack_or_senseless_budget_fails_at_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import simulate
+
     with pytest.raises(ValueError, match="unknown attack 'nope'"):
         Auditor(FedAvg(), ["analytic", "nope"], out_dir=tmp_path)
     with pytest.raises(ValueError, match="iterations"):
         Auditor(FedAvg(), ["ig"], iterations=0, out_dir=tmp_path)
     for flags, message in (
-        (["--audit", "analytic,nope"], "unknown attack 'nope'"),
+        (["--audit", "analytic,nope"], "unknown attack 'nope'; choose from: analytic"),
         (["--audit", "ig", "--audit-iterations", "0"], "expected a positive number"),
         (["--audit", "ig", "--audit-time-limit", "-5"], "expected a positive number"),
+        (["--audit", "ig", "--audit-every", "0"], "expected a positive number"),
+        (["--audit-ground-truth", "--no-audit-ground-truth"], "contradict"),
     ):
-        run = subprocess.run(
-            [sys.executable, "simulate.py", *flags, "--out", str(tmp_path / "x")],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert run.returncode == 2, run.stderr
-        assert message in run.stderr
-        assert not (tmp_path / "x").exists()
+        with pytest.raises(SystemExit) as exit_:
+            simulate.main([*flags, "--out", str(tmp_path / "x")])
+        assert exit_.value.code == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()  # nothing started
 
 
 def _simulate(out: Path, *extra: str) -> subprocess.CompletedProcess:
