@@ -53,7 +53,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg, Strategy
 from tqdm.auto import tqdm
@@ -222,6 +230,52 @@ def load_resume_checkpoint(cfg: task.RunConfig, out_dir: str | Path) -> ckpt_mod
     )
 
 
+class PartitionOrderedGrid:
+    """A Grid whose ``get_node_ids`` lists nodes in partition order.
+
+    Flower samples nodes with ``random.sample`` over ``get_node_ids()``, whose order follows
+    the node ids, and these are random per run (simulation) or per registration. Ordered by
+    partition id, the same seeded ``random`` state samples the same partitions in every run,
+    so a resumed run samples what the uninterrupted one would have. Each node is asked its
+    partition id once (a ``query`` message); nodes that do not answer within ``timeout``
+    come last, by node id. Everything else is the wrapped grid's.
+    """
+
+    def __init__(self, grid: Grid, timeout: float, partitions: dict[int, int]) -> None:
+        self.grid = grid
+        self.timeout = timeout
+        self.partitions = partitions  # node id -> partition id (shared with Observed)
+        self._asked: set[int] = set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(self.grid.get_node_ids())
+        unknown = [n for n in nodes if n not in self.partitions and n not in self._asked]
+        if unknown:
+            self._ask(unknown)
+        return sorted(nodes, key=lambda n: (n not in self.partitions, self.partitions.get(n, 0), n))
+
+    def _ask(self, nodes: list[int]) -> None:
+        self._asked.update(nodes)
+        messages = [
+            Message(RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes
+        ]
+        try:
+            replies = self.grid.send_and_receive(messages, timeout=self.timeout)
+        except Exception:  # ordering is a nicety: never fail the run for it
+            log.exception("could not ask %d nodes for their partition ids", len(nodes))
+            return
+        for reply in replies:
+            try:
+                pid = reply.content["metrics"]["partition-id"]
+            except Exception:  # error replies, old ClientApps: order by node id
+                continue
+            if isinstance(pid, int) and not isinstance(pid, bool):
+                self.partitions[reply.metadata.src_node_id] = pid
+
+
 def _seed_round(seed: int, server_round: int) -> None:
     """Seed the server's RNGs from (seed, round) alone, so a resumed run samples the same
     nodes as an uninterrupted one (Flower samples with the ``random`` module)."""
@@ -307,6 +361,10 @@ def run_federation(
     (out / "config.json").write_text(json.dumps(cfg.to_config(), indent=2) + "\n")
     observed = Observed(strategy, observers, make_validator(cfg, strategy), sort_replies=True)
     done = resumed.round if resumed is not None else 0
+    if cfg.fraction < 1 or cfg.fraction_evaluate < 1:  # sampling: make it node-id-free
+        grid = PartitionOrderedGrid(  # type: ignore[assignment]
+            grid, min(cfg.round_timeout, 120.0), observed.partitions
+        )
     round_log = RoundLog(out, observed, cfg.rounds, progress, resume_after=done)
     if resumed is not None:
         round_log.initial = dict(resumed.initial)
