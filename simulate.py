@@ -27,16 +27,23 @@ on all interfaces. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's switch for sin
 use) keeps the node address, and so every listener, on 127.0.0.1. simulate.py sets it for
 its own instance and for loopback ``--ray-address``; a multi-machine cluster needs it unset.
 
-The data comes from :func:`precode_flower.data.load` (``--data-dir``, else the offline data
-pack, else the CIFAR-10 default embedded in the package). ``run_simulation`` ignores the
+Data: by default (CIFAR-10, no ``--data-dir``) the small CIFAR-10 embedded in the package
+(2,000 train / 500 test images), which keeps the default run well under a minute and a
+half on 2 cores; it is linked into ``<out>/data`` and the run's ``data-dir`` names that
+directory, so clients, server and auditor read the same examples. ``--data-source auto``
+uses :func:`precode_flower.data.load`'s lookup instead (``--data-dir``, else the offline
+data pack, else the embedded default). On a multi-machine Ray cluster pass a
+``--data-dir`` that every machine can read. ``run_simulation`` ignores the
 pyproject run config, so the config is passed to the ServerApp directly and reaches the
 clients in each round's ConfigRecord.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import ctypes.util
+import dataclasses
 import logging
 import os
 import shutil
@@ -47,6 +54,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import precode_flower
 from server import (
     OneLineParser,
     add_training_args,
@@ -119,6 +127,32 @@ def _limit_malloc_arenas(value: str) -> None:
         pass
 
 
+def embedded_data_dir(out: Path) -> Path:
+    """A data dir (``out/data``) holding the package's embedded CIFAR-10 default.
+
+    The run's ``data-dir`` then names it, so every reader of the config (clients, the
+    server's evaluation, the auditor's ground truth) loads the same examples.
+    """
+    source = Path(precode_flower.__file__).resolve().parent / "embedded" / "cifar10_default.npz"
+    target = out.resolve() / "data" / "cifar10" / "cifar10_subset.npz"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        try:
+            target.symlink_to(source)
+        except OSError:  # no symlinks here: copy the 7 MB file
+            shutil.copyfile(source, target)
+    return target.parent.parent
+
+
+def _data_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    source = args.data_source
+    if source is None:  # the quick default: the embedded CIFAR-10 unless told otherwise
+        return "embedded" if args.dataset == "cifar10" and not args.data_dir else "auto"
+    if source == "embedded" and (args.dataset != "cifar10" or args.data_dir):
+        parser.error("--data-source embedded: only cifar10 has an embedded default (no --data-dir)")
+    return source
+
+
 def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="simulate.py", description="Simulate a PRECODE federation with Flower + Ray."
@@ -139,6 +173,13 @@ def build_parser() -> OneLineParser:
         "--ray-temp-dir",
         default=None,
         help="temp dir of the local Ray instance (default: a fresh tmp dir, removed afterwards)",
+    )
+    r.add_argument(
+        "--data-source",
+        choices=("embedded", "auto"),
+        default=None,
+        help="embedded: the package's small CIFAR-10 (2,000 train / 500 test; the default for "
+        "cifar10 without --data-dir); auto: --data-dir, else the offline data pack, else embedded",
     )
     r.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -167,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
     _limit_malloc_arenas(os.environ["MALLOC_ARENA_MAX"])
     out = out_dir_from_args(parser, args)
+    if _data_source(parser, args) == "embedded":
+        cfg = dataclasses.replace(cfg, data_dir=str(embedded_data_dir(out)))
     if args.resume:  # a missing, corrupted or foreign checkpoint: exit 2 before Ray starts
         check_resumable(parser, cfg, out)
 

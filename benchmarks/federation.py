@@ -272,6 +272,10 @@ def main() -> None:
         )
         peak_rss, peak_pss, procs = memory.peak_rss, memory.peak_pss, memory.peak_procs
         roles = dict(memory.peak_roles)
+        # The plain loop uses exactly the simulated run's config (data included).
+        run_config = json.loads((Path(tmp) / "run" / "config.json").read_text())
+        cfg = task.RunConfig.from_mapping(run_config)
+        source = data_mod.load(cfg.dataset, cfg.data_dir or None).source
         workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))
         plain = plain_rounds(cfg, args.rounds, workers=workers, threads=int(args.client_cpus))
     load_after = os.getloadavg()
@@ -289,8 +293,9 @@ def main() -> None:
     breakdown = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(roles.items()))
     body = f"""\
 {header}
-Configuration: `simulate.py` defaults (FedAvg, MLP, CIFAR-10 from
-`{data_mod.load(cfg.dataset).source}`, 1 local epoch, batch 32, IID), {args.clients} clients,
+Configuration: `simulate.py` defaults (FedAvg, MLP, the package's embedded CIFAR-10 of
+2,000 train / 500 test images, loaded as `{source}`, 1 local epoch, batch 32, IID),
+{args.clients} clients,
 {args.rounds} rounds; Ray actors with {args.client_cpus:g} CPU each on {os.cpu_count()} cores.
 Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} after: other work
 on the machine slows both columns.

@@ -59,6 +59,28 @@ def test_backend_config_is_local_and_bounded() -> None:
     assert "num_cpus" not in remote["init_args"] and "_temp_dir" not in remote["init_args"]
 
 
+def test_default_data_is_the_embedded_cifar10_linked_into_the_run(tmp_path, capsys) -> None:
+    from precode_flower import data as data_mod
+
+    directory = simulate.embedded_data_dir(tmp_path / "run")
+    assert directory == (tmp_path / "run" / "data").resolve()
+    assert simulate.embedded_data_dir(tmp_path / "run") == directory  # idempotent
+    assert len(data_mod.load("cifar10", directory).train) == 2000
+    parser = simulate.build_parser()
+    for argv, source in [
+        ([], "embedded"),
+        (["--data-dir", "somewhere"], "auto"),
+        (["--dataset", "mnist"], "auto"),
+        (["--data-source", "auto"], "auto"),
+    ]:
+        assert simulate._data_source(parser, parser.parse_args(argv)) == source
+    with pytest.raises(SystemExit) as exc:
+        simulate._data_source(
+            parser, parser.parse_args(["--data-source", "embedded", "--dataset", "mnist"])
+        )
+    assert exc.value.code == 2 and "only cifar10" in capsys.readouterr().err
+
+
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
 
@@ -136,6 +158,7 @@ def test_ray_simulation_end_to_end(tmp_path, flower_env) -> None:
     assert (out / "accuracy.png").stat().st_size > 0
     config = json.loads((out / "config.json").read_text())
     assert config["clients"] == 3 and config["rounds"] == 2 and config["mode"] == "fedavg"
+    assert config["data-dir"] == str((out / "data").resolve())  # the embedded default
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 
