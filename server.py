@@ -165,6 +165,7 @@ class RoundLog:
         row = {
             "round": server_round,
             "clients": rec.clients,
+            "partitions": rec.partitions,
             "rejected": rec.rejected,
             "failed": rec.failed,
             "dropped": rec.dropped,
@@ -238,7 +239,10 @@ class PartitionOrderedGrid:
     partition id, the same seeded ``random`` state samples the same partitions in every run,
     so a resumed run samples what the uninterrupted one would have. Each node is asked its
     partition id once (a ``query`` message); nodes that do not answer within ``timeout``
-    come last, by node id. Everything else is the wrapped grid's.
+    come last, by node id. With ``reseed`` set, ``random`` is seeded with it just before the
+    list is returned, i.e. right before Flower samples from it: other threads (Flower's retry
+    jitter) also draw from the global ``random``, so a seed set earlier may be disturbed.
+    Everything else is the wrapped grid's.
     """
 
     def __init__(self, grid: Grid, timeout: float, partitions: dict[int, int]) -> None:
@@ -246,6 +250,7 @@ class PartitionOrderedGrid:
         self.timeout = timeout
         self.partitions = partitions  # node id -> partition id (shared with Observed)
         self._asked: set[int] = set()
+        self.reseed: int | None = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.grid, name)
@@ -255,7 +260,12 @@ class PartitionOrderedGrid:
         unknown = [n for n in nodes if n not in self.partitions and n not in self._asked]
         if unknown:
             self._ask(unknown)
-        return sorted(nodes, key=lambda n: (n not in self.partitions, self.partitions.get(n, 0), n))
+        ordered = sorted(
+            nodes, key=lambda n: (n not in self.partitions, self.partitions.get(n, 0), n)
+        )
+        if self.reseed is not None:
+            random.seed(self.reseed)
+        return ordered
 
     def _ask(self, nodes: list[int]) -> None:
         self._asked.update(nodes)
@@ -276,13 +286,15 @@ class PartitionOrderedGrid:
                 self.partitions[reply.metadata.src_node_id] = pid
 
 
-def _seed_round(seed: int, server_round: int) -> None:
+def _seed_round(seed: int, server_round: int) -> tuple[int, int]:
     """Seed the server's RNGs from (seed, round) alone, so a resumed run samples the same
-    nodes as an uninterrupted one (Flower samples with the ``random`` module)."""
-    s = task.derive_seeds(seed, server_round, -1, n=1)[0]
+    nodes as an uninterrupted one (Flower samples with the ``random`` module); returns the
+    seeds of the round's train and evaluate sampling."""
+    s, s_train, s_eval = task.derive_seeds(seed, server_round, -1, n=3)
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
+    return s_train, s_eval
 
 
 def train_rounds(
@@ -307,7 +319,9 @@ def train_rounds(
     evaluate_config = ConfigRecord(cfg.to_config())
     inner = observed.strategy
     for server_round in range(first_round, cfg.rounds + 1):
-        _seed_round(cfg.seed, server_round)
+        s_train, s_eval = _seed_round(cfg.seed, server_round)
+        if isinstance(grid, PartitionOrderedGrid):
+            grid.reseed = s_train
         messages = observed.configure_train(server_round, arrays, train_config, grid)
         replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
         new, _ = observed.aggregate_train(server_round, replies)
@@ -315,6 +329,8 @@ def train_rounds(
             arrays = new
         if hasattr(inner, "min_available_nodes"):
             inner.min_available_nodes = 1
+        if isinstance(grid, PartitionOrderedGrid):
+            grid.reseed = s_eval
         messages = observed.configure_evaluate(server_round, arrays, evaluate_config, grid)
         replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
         observed.aggregate_evaluate(server_round, replies)

@@ -81,6 +81,7 @@ class RoundRecord:
     server_round: int
     sent: int = 0
     clients: int = 0  # accepted and aggregated
+    partitions: list[int | None] = field(default_factory=list)  # of the accepted replies
     rejected: int = 0
     failed: int = 0  # error replies
     dropped: int = 0  # sent but no reply
@@ -249,6 +250,7 @@ class Observed(Strategy):
         if self.sort_replies:
             valid.sort(key=lambda c: _sort_key(c[1].partition_id, c[1].node_id))
         rec.clients = len(valid)
+        rec.partitions = [r.partition_id for _, r in valid]
         rec.failed = len(rec.failures)
         rec.rejected = len(rec.rejections)
         log.info(

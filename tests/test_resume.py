@@ -275,7 +275,9 @@ def test_ray_simulation_killed_and_resumed_matches_an_uninterrupted_run(
     assert [r["round"] for r in _rows(out)] == [1, 2, 3]
 
     # The same run uninterrupted, in-process (same client code, seeds and reply order).
-    cfg = task.RunConfig(mode="fedavg", clients=2, fraction=0.5, rounds=3, local_steps=1)
+    # The run's own config: simulate.py may point data-dir at its data (see config.json).
+    cfg = task.RunConfig.from_mapping(json.loads((out / "config.json").read_text()))
+    assert (cfg.clients, cfg.fraction, cfg.rounds, cfg.local_steps) == (2, 0.5, 3, 1)
     whole = tmp_path / "whole"
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a 1-CPU Ray actor, for the same float reductions
