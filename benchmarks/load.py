@@ -157,11 +157,24 @@ def render(results: list[dict], rounds: int, fraction: float) -> str:
             f"{r['peak_pss_mib']:.0f} | {r['processes']} | {r['first_round_s']:.1f} | "
             f"{later} | {r['wall_s']:.0f} |"
         )
+    first, last = results[0], results[-1]
+    if len(results) > 1:
+        factor = last["clients"] / first["clients"]
+        growth = last["peak_pss_mib"] / first["peak_pss_mib"]
+        lines += [
+            "",
+            f"From {first['clients']} to {last['clients']} clients ({factor:g}x) peak PSS grows "
+            f"{growth:.2f}x: only the sampled clients run, on a fixed pool of actors (one per "
+            "core), so memory depends on the actors and the model far more than on the number "
+            "of clients. Later rounds take longer as more clients are sampled per round; "
+            "round 1 also asks every node its partition id (one small query message each, "
+            "for reproducible sampling) and starts the actors.",
+        ]
+    load = os.getloadavg()[0]
     lines += [
         "",
-        "Memory does not grow with the number of clients: only the sampled clients run, on "
-        "a fixed pool of actors, and each actor keeps one copy of the dataset and one model. "
-        "The time per round grows with the clients sampled per round.",
+        f"Load average when this finished: {load:.1f} on {os.cpu_count()} cores (other jobs "
+        "shared the machine; times on an idle machine are lower).",
     ]
     return "\n".join(lines)
 
