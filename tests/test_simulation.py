@@ -162,7 +162,7 @@ def test_ray_simulation_end_to_end(tmp_path, flower_env) -> None:
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
 
 
-def _kill_session(leader: int, grace: float = 20.0) -> None:
+def _kill_session(leader: int, grace: float = 8.0) -> None:
     """Stop every process of the session led by ``leader`` (the ray head we started)."""
     try:
         os.killpg(leader, signal.SIGTERM)
