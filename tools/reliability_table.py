@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import platform
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,8 +39,16 @@ rejection is logged with node id, partition id, round and reason and listed in t
 """
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_TMP = re.compile(r"/tmp/pytest-of-[^/\s]+/pytest-\d+/[^/\s]+/")
+_MAX = 240
+
+
 def _cell(text: str) -> str:
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One table cell: colour codes and pytest tmp paths removed, long texts shortened."""
+    text = _TMP.sub("", _ANSI.sub("", str(text)))
+    text = " ".join(text.split()).replace("|", "\\|")
+    return text if len(text) <= _MAX else text[: _MAX - 1].rstrip() + "…"
 
 
 def render(rows: Sequence[dict], generated: str | None = None) -> str:
