@@ -46,7 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -304,8 +304,8 @@ def train_rounds(
     cfg: task.RunConfig,
     *,
     first_round: int = 1,
-    evaluate_fn: Any = None,
-    after_round: Any = None,
+    evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
+    after_round: Callable[[int, ArrayRecord], None] | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round..cfg.rounds`` as Flower's ``Strategy.start`` runs them (train,
     client evaluation, central evaluation), then ``after_round(round, arrays)``.
