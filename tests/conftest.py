@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -199,3 +203,20 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     rows = [{**r, "outcome": _REPORTS.get(r["test"], "unknown")} for r in _RELIABILITY_ROWS]
     Path(target).with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n")
     module.write_table(rows, Path(target))
+
+
+@pytest.fixture
+def run_simulate() -> Callable[[list[str], float], subprocess.CompletedProcess]:
+    """Runs ``python simulate.py --no-progress ARGS`` from the repository, output captured."""
+
+    def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "simulate.py", "--no-progress", *args],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run

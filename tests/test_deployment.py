@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 import server
 from precode_flower import task
+from precode_flower.processes import session_pids, stop_sessions
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -106,37 +106,12 @@ class Federation:
 
     def stop(self) -> None:
         """SIGTERM every session we started, then SIGKILL whatever is left in them."""
+        stop_sessions([p.pid for p in self.procs], grace=8)  # a test needs no graceful exit
         for p in self.procs:
-            if p.poll() is None:
-                try:
-                    os.killpg(p.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 8  # then SIGKILL: a test needs no graceful exit
-        while time.monotonic() < deadline and any(_session(p.pid) for p in self.procs):
-            time.sleep(0.3)
-        for p in self.procs:
-            for pid in _session(p.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-
-
-def _session(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
 
 
 @pytest.fixture
@@ -180,7 +155,7 @@ def federation(tmp_path, free_port) -> Iterator[Federation]:
         yield fed
     finally:
         fed.stop()
-        leftovers = [pid for p in fed.procs for pid in _session(p.pid)]
+        leftovers = [pid for p in fed.procs for pid in session_pids(p.pid)]
         assert not leftovers, f"processes left running: {leftovers}"
 
 

@@ -14,8 +14,6 @@ import math
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -343,24 +341,13 @@ def test_a_non_finite_aggregate_never_becomes_the_model(reliability, caplog) -> 
 # Client faults in a Ray simulation
 
 
-def _simulate(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "simulate.py", "--no-progress", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.slow
 def test_a_client_that_raises_or_hangs_costs_only_its_reply(
-    tmp_path, flower_env, reliability
+    run_simulate, tmp_path, flower_env, reliability
 ) -> None:
     out = tmp_path / "run"
     timeout = 60.0  # above the first round's cold start (actors, data) on 2 busy cores
-    proc = _simulate(
+    proc = run_simulate(
         [
             "--clients", "3",
             "--rounds", "2",

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from precode_flower.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from precode_flower.processes import session_pids, stop_sessions
 from server import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,33 +198,6 @@ class _Evil:
         return (print, ("this must never run",))
 
 
-def _kill_session(leader: int) -> None:
-    try:
-        os.killpg(leader, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _session(leader):
-        for pid in _session(leader):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
-
-
-def _session(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("task_identity")
 def test_ray_simulation_killed_and_resumed_matches_an_uninterrupted_run(
@@ -257,11 +230,11 @@ def test_ray_simulation_killed_and_resumed_matches_an_uninterrupted_run(
             except CheckpointError:
                 time.sleep(0.2)
     finally:
-        _kill_session(proc.pid)
+        stop_sessions([proc.pid], grace=0, kill_wait=30)
         proc.wait(timeout=30)
         log.close()
     assert killed_after is not None, (tmp_path / "first.log").read_text()[-3000:]
-    assert not _session(proc.pid)
+    assert not session_pids(proc.pid)
 
     resumed = subprocess.run(
         [sys.executable, "simulate.py", *flags, "--resume", str(out), *ray_tmp],

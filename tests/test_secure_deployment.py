@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import server
+from precode_flower.processes import session_pids, signal_session, stop_sessions
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -107,40 +108,15 @@ class Processes:
         return "\n".join(f"--- {k}\n{self.log(k)[-n:]}" for k in self.procs)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
-        _signal_session(self.procs[name].pid, sig)
+        signal_session(self.procs[name].pid, sig)
 
     def stop(self) -> None:
+        stop_sessions([p.pid for p in self.procs.values()], grace=15)
         for p in self.procs.values():
-            _signal_session(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and any(_session(p.pid) for p in self.procs.values()):
-            time.sleep(0.3)
-        for p in self.procs.values():
-            _signal_session(p.pid, signal.SIGKILL)
             try:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-
-
-def _session(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
-
-
-def _signal_session(sid: int, sig: int) -> None:
-    for pid in _session(sid):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -172,7 +148,7 @@ def secure_federation(tmp_path, free_port) -> Iterator[tuple[Processes, Path, in
         yield procs, certs, port
     finally:
         procs.stop()
-        left = [pid for p in procs.procs.values() for pid in _session(p.pid)]
+        left = [pid for p in procs.procs.values() for pid in session_pids(p.pid)]
         assert not left, f"processes left running: {left}"
 
 
@@ -251,7 +227,7 @@ def test_tls_authenticated_nodes_train_unregistered_is_rejected_killed_node_is_s
         procs.kill("supernode1")  # gone without a goodbye, mid-run
         stdout, _ = run.communicate(timeout=300)
     finally:
-        _signal_session(run.pid, signal.SIGKILL)
+        signal_session(run.pid, signal.SIGKILL)
     assert run.returncode == 0, stdout[-3000:] + procs.tail()
     assert "finished:completed" in stdout
     first, second = [json.loads(line) for line in rounds.read_text().splitlines()]
@@ -297,7 +273,7 @@ def _listen_addresses(procs: Processes) -> list[tuple[str, int]]:
     """(address, port) of every TCP socket that a process of ours listens on."""
     inodes: set[str] = set()
     for p in procs.procs.values():
-        for pid in _session(p.pid):
+        for pid in session_pids(p.pid):
             try:
                 for fd in Path(f"/proc/{pid}/fd").iterdir():
                     target = os.readlink(fd)

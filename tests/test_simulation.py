@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 import simulate
 from clients.client_app import app as client_app
 from precode_flower import task
+from precode_flower.processes import session_pids, stop_sessions
 from server import run_federation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,21 +119,10 @@ def test_same_seed_same_numbers_and_faults_are_absorbed(mode, tmp_path, inproces
     assert json.loads((tmp_path / "run0" / "config.json").read_text())["mode"] == mode
 
 
-def _simulate(args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "simulate.py", "--no-progress", *args],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
 @pytest.mark.slow
-def test_ray_simulation_end_to_end(tmp_path, flower_env) -> None:
+def test_ray_simulation_end_to_end(run_simulate, tmp_path, flower_env) -> None:
     out = tmp_path / "run"
-    proc = _simulate(
+    proc = run_simulate(
         [
             "--clients", "3",
             "--rounds", "2",
@@ -160,34 +149,6 @@ def test_ray_simulation_end_to_end(tmp_path, flower_env) -> None:
     assert config["clients"] == 3 and config["rounds"] == 2 and config["mode"] == "fedavg"
     assert config["data-dir"] == str((out / "data").resolve())  # the embedded default
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
-
-
-def _kill_session(leader: int, grace: float = 8.0) -> None:
-    """Stop every process of the session led by ``leader`` (the ray head we started)."""
-    try:
-        os.killpg(leader, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and _session_pids(leader):
-        time.sleep(0.5)
-    for pid in _session_pids(leader):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if os.getsid(int(entry.name)) == sid:
-                    pids.append(int(entry.name))
-            except (ProcessLookupError, PermissionError):
-                continue
-    return pids
 
 
 @pytest.fixture
@@ -221,16 +182,16 @@ def ray_head(flower_env, free_port):
         assert proc.poll() is None, (flower_env / f"ray-head-{port}.log").read_text()[-2000:]
         yield f"127.0.0.1:{port}"
     finally:
-        _kill_session(proc.pid)
+        stop_sessions([proc.pid], grace=8)
         proc.wait(timeout=10)
         log.close()
-        assert not _session_pids(proc.pid)
+        assert not session_pids(proc.pid)
 
 
 @pytest.mark.slow
-def test_simulation_on_an_existing_ray_cluster(ray_head, tmp_path) -> None:
+def test_simulation_on_an_existing_ray_cluster(run_simulate, ray_head, tmp_path) -> None:
     out = tmp_path / "run"
-    proc = _simulate(
+    proc = run_simulate(
         [
             "--clients",
             "2",

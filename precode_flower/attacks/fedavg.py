@@ -53,7 +53,6 @@ progress            False     tqdm progress bar
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -80,19 +79,6 @@ class FedAvgOptions(IGOptions):
     local_steps: int = 1
     local_lr: float = 0.01
     local_batch_size: int | None = None
-
-    @classmethod
-    def from_options(cls, options: dict[str, Any], attack: str = "fedavg") -> FedAvgOptions:
-        known = {f.name for f in dataclasses.fields(cls)} - cls.EXCLUDED
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(
-                f"{attack}: unknown option(s) {', '.join(unknown)}; "
-                f"valid options: {', '.join(sorted(known))}"
-            )
-        opts = cls(**options)
-        opts.validate(attack)
-        return opts
 
     def validate(self, attack: str = "fedavg") -> None:
         super().validate(attack)
@@ -219,7 +205,7 @@ def fedavg(
     **options: Any,
 ) -> AttackResult:
     """Invert a FedAvg update; ``gradients`` = new weights - global weights (see module doc)."""
-    opts = FedAvgOptions.from_options(options)
+    opts = FedAvgOptions.from_options(options, "fedavg")
     steps, local_b = opts.steps_and_batch(batch_size)
     with Timer() as timer:
         update = list(gradients)

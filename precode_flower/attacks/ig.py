@@ -45,7 +45,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol, Self
 
 import torch
 from torch import Tensor, nn
@@ -84,10 +84,13 @@ class IGOptions:
     check_every: int = 100
     progress: bool = False
 
+    #: Fields a subclass does not accept as options.
+    EXCLUDED: ClassVar[frozenset[str]] = frozenset()
+
     @classmethod
-    def from_options(cls, options: dict[str, Any], attack: str = "ig") -> IGOptions:
+    def from_options(cls, options: dict[str, Any], attack: str = "ig") -> Self:
         """Validated options; unknown names and bad values raise ValueError."""
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - cls.EXCLUDED
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(
