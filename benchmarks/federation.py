@@ -369,6 +369,10 @@ def main() -> None:
             results.append(Measurement(**json.loads(child.read_text())))
     load_after = os.getloadavg()
 
+    first = results[0]
+    per_message = (statistics.mean(first.sim[1:]) - statistics.mean(first.plain[1:])) / (
+        3 * args.clients
+    )
     body = f"""\
 {header}
 Configuration: `simulate.py` defaults (FedAvg, MLP, CIFAR-10, 1 local epoch, batch 32,
@@ -383,9 +387,12 @@ The first simulated round also starts the actors, which import torch and load th
 
 {chr(10).join(section(m, args) for m in results)}
 How to read it: each round sends the 16 MB model to every client twice (train, evaluate)
-and gets 10 updates back; Flower serialises every message and Ray moves it between
-processes. That fixed cost, about 0.1 s per message here, is small next to a client's
-local epoch on 1,000 examples but dominates one on 200. Memory: each process that imports
+and gets {args.clients} updates back; Flower serialises every message and Ray pickles it into
+its object store and out again in another process. That fixed cost, {per_message * 1e3:.0f} ms
+per model-sized message here ((simulated - plain) / {3 * args.clients} messages, first data
+source), is small next to a client's local epoch on 1,000 examples but dominates one on 200:
+the ratio is a property of how much work a client does per message, not of a constant
+overhead factor. Memory: each process that imports
 torch (this CUDA build, torch {torch.__version__}) holds {torch_bytes / 1024**3:.2f} GiB of
 private memory after `import torch` alone, and each holds its own decoded copy of the
 data; the driver also holds the round's messages. `--client-cpus 2` (one actor) saves an

@@ -5,6 +5,8 @@ would: :func:`precode_flower.training.compute_gradients`), runs the chosen attac
 as an honest-but-curious server would, and prints one JSON line per image and attack::
 
     python -m precode_flower.attack --model mlp --defense precode --attack analytic,dlg
+    python -m precode_flower.attack --dataset mnist --model convnet --defense precode-early \
+        --weights runs/a/model.pt --attack ig,ignore-bottleneck,dlg   # a model a run trained
 
 Fields: dataset, model, defense, attack, batch, index (test-set index), label, psnr, ssim,
 mse, label_correct, success (this image's SSIM >= --success-ssim), recovered, seconds,
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import pickle
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,7 +32,10 @@ from tqdm.auto import tqdm
 
 from . import data, metrics, models, plotting, training
 from .attacks import ATTACKS, reconstruct
-from .precode import extend
+from .defenses import DEFENSES, DefenseParams, apply_model_defenses
+
+#: Defenses that change the model (the others act on updates, which this tool does not send).
+MODEL_DEFENSES = ("none", *(n for n, d in DEFENSES.items() if d.model is not None))
 
 DEFAULT_ATTACKS = ("analytic", "ig")
 
@@ -52,7 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
     p.add_argument("--data-dir", default=None, help="read the dataset from here only")
     p.add_argument("--model", default="mlp", choices=models.MODELS)
-    p.add_argument("--defense", default="none", choices=("none", "precode"))
+    p.add_argument("--defense", default="none", choices=MODEL_DEFENSES)
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="state dict to attack (e.g. a run's model.pt; same --model/--defense/--dataset)",
+    )
     p.add_argument("--latent-dim", type=int, default=256, help="PRECODE latent size K")
     p.add_argument("--beta", type=float, default=1e-3, help="PRECODE KL weight")
     p.add_argument(
@@ -97,6 +109,25 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a saved state dict into ``model``; a mismatch names the file and the keys."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise SystemExit(
+            f"--weights {path}: cannot read a state dict ({str(err).splitlines()[0]})"
+        ) from None
+    if not isinstance(state, dict):
+        raise SystemExit(f"--weights {path}: expected a state dict, found {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).splitlines()[0:3]
+        raise SystemExit(
+            f"--weights {path} does not fit this --model/--defense/--dataset: {' '.join(first)}"
+        ) from None
+
+
 def _emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
@@ -118,8 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = models.build(args.model, bundle.num_classes, bundle.input_shape)
-    if args.defense == "precode":
-        extend(model, latent_dim=args.latent_dim, beta=args.beta, input_shape=bundle.input_shape)
+    params = DefenseParams(latent_dim=args.latent_dim, beta=args.beta)
+    model = apply_model_defenses(model, [args.defense], params, bundle.input_shape)
+    if args.weights is not None:
+        load_weights(model, args.weights)
     model.to(device)
     if args.train_steps:
         training.train(model, bundle.train, steps=args.train_steps, seed=args.seed, progress=True)

@@ -39,7 +39,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import ResNet
 
 from .models import ConvNet
 from .precode import extend
@@ -147,7 +146,7 @@ def _precode(model: nn.Module, p: DefenseParams, input_shape: Sequence[int]) -> 
 #: attack then has too few equations, and no Linear layer sees the raw image). Placement per
 #: architecture: before the ConvNet's second convolution (after conv1 + ReLU), before the
 #: ResNet's first residual stage (after the stem: inside a block the skip path would bypass it).
-EARLY_PLACEMENT: dict[type[nn.Module], str] = {ConvNet: "features.2", ResNet: "layer1"}
+EARLY_PLACEMENT: dict[str, str] = {"ConvNet": "features.2", "ResNet": "layer1"}
 EARLY_LATENT_CHANNELS = 8
 #: The KL sums over every latent entry (8 x 32 x 32 = 8,192 for CIFAR-10, not PRECODE's 256),
 #: so PRECODE's beta of 1e-3 makes it dominate the loss and collapse the latent (chance
@@ -160,8 +159,19 @@ EARLY_BETA = 1e-5
 EARLY_STD_SHIFT = 0.0
 
 
+def _early_placement(model: nn.Module) -> str | None:
+    """Where ``precode-early`` goes in ``model`` (None: not a ConvNet or torchvision ResNet)."""
+    if isinstance(model, ConvNet):
+        return EARLY_PLACEMENT["ConvNet"]
+    # By class name, so that torchvision (a heavy import) is only loaded by ResNet users.
+    for cls in type(model).__mro__:
+        if cls.__name__ == "ResNet" and cls.__module__.startswith("torchvision."):
+            return EARLY_PLACEMENT["ResNet"]
+    return None
+
+
 def _precode_early(model: nn.Module, p: DefenseParams, input_shape: Sequence[int]) -> nn.Module:
-    before = next((n for cls, n in EARLY_PLACEMENT.items() if isinstance(model, cls)), None)
+    before = _early_placement(model)
     if before is None:
         raise ValueError(
             "precode-early places its bottleneck after the first convolution block of the "

@@ -24,12 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
-from torchmetrics.functional.image import (
-    peak_signal_noise_ratio,
-    structural_similarity_index_measure,
-)
 
 from .attacks.base import AttackResult
 from .data import denormalize
@@ -68,6 +63,8 @@ def mse(recon: Tensor, original: Tensor, mean: Stats = None, std: Stats = None) 
 
 def psnr(recon: Tensor, original: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
     """(B,) PSNR in dB for pixel range 1, capped at :data:`PSNR_CAP` (identical images)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # lazy: heavy import
+
     a, b = _pair(recon, original, mean, std)
     # Double precision so near-exact reconstructions are not rounded to "identical".
     value = peak_signal_noise_ratio(
@@ -82,6 +79,8 @@ def _ssim_pixels(a: Tensor, b: Tensor) -> Tensor:
     kernel = min(11, side if side % 2 else side - 1)
     if kernel < 1:
         raise ValueError(f"images of shape {tuple(a.shape[-2:])} are too small for SSIM")
+    from torchmetrics.functional.image import structural_similarity_index_measure  # lazy
+
     return structural_similarity_index_measure(
         a, b, data_range=1.0, kernel_size=kernel, reduction="none"
     )
@@ -131,6 +130,8 @@ def match(
         cost = (rec - org).pow(2).flatten(1).mean(1)
     else:
         raise ValueError(f"match: by must be 'ssim' or 'mse', got {by!r}")
+    from scipy.optimize import linear_sum_assignment  # lazy: scipy is a heavy import
+
     rows, cols = linear_sum_assignment(cost.view(n, n).double().numpy())
     perm = torch.empty(n, dtype=torch.long)
     perm[torch.as_tensor(rows)] = torch.as_tensor(cols, dtype=torch.long)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torchvision
 from torch import nn
 
 MODELS: tuple[str, ...] = ("mlp", "convnet", "resnet18")
@@ -53,6 +52,10 @@ class ConvNet(nn.Module):
 
 def resnet18(num_classes: int, input_shape: Sequence[int]) -> nn.Module:
     """torchvision's ResNet-18 adapted to small images (3x3 stem, no max-pool, 1 or 3 channels)."""
+    # Imported here: torchvision pulls in torch._dynamo (~0.3 s and ~100 MB per process),
+    # which the MLP and ConvNet clients of a simulation never need.
+    import torchvision
+
     model = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     model.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()

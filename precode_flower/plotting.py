@@ -9,13 +9,23 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from torch import Tensor
 
 from .metrics import to_pixels
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _figure(**kwargs: object) -> Figure:
+    """A new matplotlib Figure (imported here: clients and the server import this module, and
+    most processes never draw)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
 
 PRIVATE_MODE = 0o600
 
@@ -40,6 +50,8 @@ def private_file(path: str | os.PathLike[str]) -> BinaryIO:
 
 def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150) -> Path:
     """Render ``fig`` with the Agg canvas to a private (0o600) PNG at ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
     FigureCanvasAgg(fig)
     with private_file(path) as fh:
         fig.savefig(fh, format="png", dpi=dpi, bbox_inches="tight")
@@ -65,7 +77,7 @@ def image_grid(
     pixels = {name: to_pixels(images, mean, std) for name, images in rows.items()}
     n_cols = max(max(len(x) for x in pixels.values()), 1)
     n_rows = len(pixels)
-    fig = Figure(figsize=(1.2 * n_cols + 1.2, 1.2 * n_rows + (0.4 if title else 0.0)))
+    fig = _figure(figsize=(1.2 * n_cols + 1.2, 1.2 * n_rows + (0.4 if title else 0.0)))
     axes = fig.subplots(n_rows, n_cols, squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.1})
     for r, (name, images) in enumerate(pixels.items()):
         for c in range(n_cols):
@@ -113,7 +125,7 @@ def plot_leakage(
     else:
         panels, use = [("loss", "final attack loss")], ok
     colors = {a: f"C{i % 10}" for i, a in enumerate(attacks)}
-    fig = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    fig = _figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, label) in zip(axes, panels, strict=True):
         for attack in attacks:
@@ -164,7 +176,7 @@ def plot_accuracy(
     is drawn at round 0) and, where present, ``client_eval_accuracy`` (the weighted mean of
     the clients' evaluations on their test shares).
     """
-    fig = Figure(figsize=(5, 3.4), layout="constrained")
+    fig = _figure(figsize=(5, 3.4), layout="constrained")
     ax = fig.subplots()
     xs = [int(r["round"]) for r in rows]  # type: ignore[call-overload]
     central = [float(r["test_accuracy"]) for r in rows]  # type: ignore[arg-type]
@@ -217,7 +229,7 @@ def plot_privacy_utility(
     colors = {name: f"C{i % 10}" for i, name in enumerate(labels)}
     markers = "osD^vP*Xhp<>"
     shapes = {name: markers[(i // 10) % len(markers)] for i, name in enumerate(labels)}
-    fig = Figure(figsize=(10.5, 3.3 * len(panels) + 0.6), layout="constrained")
+    fig = _figure(figsize=(10.5, 3.3 * len(panels) + 0.6), layout="constrained")
     axes = fig.subplots(len(panels), 2, squeeze=False)
     for row, panel in zip(axes, panels, strict=True):
         mine = [p for p in points if str(p["panel"]) == panel]

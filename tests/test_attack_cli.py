@@ -69,3 +69,46 @@ def test_cli_unknown_names_exit_2(args: list[str], listed: str, capsys) -> None:
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error:" in err and listed in err
+
+
+def test_weights_of_a_trained_preset_model_are_attacked(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """--weights loads a run's model.pt into the --model/--defense built here, or says why not."""
+    import torch
+
+    from precode_flower import models
+    from precode_flower.defenses import DefenseParams, apply_model_defenses
+
+    shape = (1, 28, 28)
+    net = apply_model_defenses(
+        models.build("convnet", 10, shape), ["precode-early"], DefenseParams(), shape
+    )
+    with torch.no_grad():
+        for p in net.parameters():
+            p.fill_(0.01)  # a state no seeded initialisation gives
+    weights = tmp_path / "model.pt"
+    torch.save(net.state_dict(), weights)
+
+    built = apply_model_defenses(
+        models.build("convnet", 10, shape), ["precode-early"], DefenseParams(), shape
+    )
+    attack.load_weights(built, weights)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(built.state_dict().values(), net.state_dict().values(), strict=True)
+    )
+
+    plain = models.build("convnet", 10, shape)  # no bottleneck: the keys do not fit
+    with pytest.raises(SystemExit, match="does not fit this --model/--defense/--dataset"):
+        attack.load_weights(plain, weights)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="junk.pt: cannot read a state dict"):
+        attack.load_weights(plain, tmp_path / "junk.pt")
+
+    code = attack.main(
+        ["--dataset", "mnist", "--model", "convnet", "--defense", "precode-early",
+         "--weights", str(weights), "--attack", "labels", "--images", "1",
+         "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["defense"] == "precode-early" and row["attack"] == "labels"
