@@ -312,7 +312,9 @@ def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None
     dev = torch.device(device)
     # Import what scoring needs before reporting ready, so that the first attack's wall time
     # (and its time limit) does not include seconds of imports (torchmetrics, scipy).
-    from . import metrics  # noqa: F401
+    from . import metrics
+
+    metrics.preload()
 
     if nice and hasattr(os, "nice"):
         # Training first: attacks take the CPU time that training leaves. Only now, so that a

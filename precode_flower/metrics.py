@@ -35,6 +35,13 @@ SUCCESS_SSIM = 0.6
 Stats = Sequence[float] | None
 
 
+def preload() -> None:
+    """Import the scoring libraries now (scipy, torchmetrics), which the functions here import
+    lazily so that processes that never score (clients, the server) do not pay for them."""
+    import scipy.optimize  # noqa: F401
+    import torchmetrics.functional.image  # noqa: F401
+
+
 def to_pixels(x: Tensor, mean: Stats = None, std: Stats = None) -> Tensor:
     """(B, C, H, W) float32 CPU images in [0, 1]: de-normalised (if mean/std) and clamped."""
     x = x.detach().float().cpu()
