@@ -509,11 +509,8 @@ def group_table(
         gain = base_acc - base["initial_accuracy"]
         if gain >= MIN_GAIN:
             target = base["initial_accuracy"] + TARGET_FRACTION * gain
-    head = (
-        "| defense | final acc. | vs none (points) | rounds / s to target | s per round | "
-        + " | ".join(attacks)
-        + " | broken by |"
-    )
+    head = "| defense | final acc. | vs none (points) | rounds / s to target | s per round | "
+    head += "".join(f"{a} | " for a in attacks) + "broken by |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     points = []
     for r in results:
@@ -530,7 +527,7 @@ def group_table(
         cells = [_cell(r["attacks"].get(a)) for a in attacks]
         lines.append(
             f"| {r['config']['defense']} | {acc:.3f} | {delta} | {reach_text} | "
-            f"{r['seconds_per_round']:.1f} | " + " | ".join(cells) + f" | {verdict} |"
+            f"{r['seconds_per_round']:.1f} | " + "".join(f"{c} | " for c in cells) + f"{verdict} |"
         )
         best = strongest(r)
         points.append(
@@ -590,6 +587,7 @@ def report(
     command: str,
     wall: float,
     section: str = SECTION,
+    reused: int = 0,
 ) -> str:
     """Write the generated section of ``doc`` and its figures; return the section."""
     from precode_flower import data
@@ -613,7 +611,8 @@ def report(
         f"{b.audit_iterations} iterations per iterative attack ({b.audit_time_limit:g} s limit), "
         f"attacks: {_filter_text(b.attack_filter)}; seed {b.seed}. "
         f"Configurations: {len(results)} reported, {len(failures)} failed; "
-        f"this invocation took {wall / 60:.1f} min (configurations run earlier were reused).",
+        f"this invocation took {wall / 60:.1f} min"
+        + (f" ({reused} of them run earlier and reused)." if reused else "."),
         "",
         "Cells per attack: updates reconstructed (SSIM >= 0.6) / updates audited · mean PSNR "
         "(dB, 200 = exact) · mean SSIM. `n/a`: the attack does not apply (analytic needs a "
@@ -806,10 +805,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     timeout = args.timeout or profile.timeout
     started = time.perf_counter()
     results, failures = [], []
+    reused = 0
     for i, e in enumerate(exps, 1):
         label = f"[{i}/{len(exps)}] {e.dataset} {e.model} {e.defense} {e.mode} B={e.batch_size}"
         if (results_dir / e.key() / "result.json").exists():
             print(f"{label}: done earlier, skipped ({e.key()})", flush=True)
+            reused += 1
         else:
             print(f"{label}: running ({e.key()})", flush=True)
         t0 = time.perf_counter()
@@ -843,6 +844,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             command=command,
             wall=time.perf_counter() - started,
             section=args.section,
+            reused=reused,
         )
         print(
             f"wrote {args.doc} ({len(results)} configurations, {len(failures)} failed) in "

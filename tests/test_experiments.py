@@ -120,6 +120,9 @@ def test_no_target_when_the_undefended_run_did_not_learn() -> None:
     results = [_result("none", [0.1, 0.12], {}), _result("precode", [0.1, 0.2], {})]
     lines, points = runner.group_table(("mnist", "convnet", "fedsgd", 1), results)
     assert "| none | 0.120 | +0.0 | - |" in lines[2]
+    # No attack columns at all when nothing was audited (not an empty one).
+    assert lines[0].endswith("| s per round | broken by |") and "|  |" not in "".join(lines)
+    assert all(line.count("|") == lines[0].count("|") for line in lines)
     assert lines[3].endswith("| not audited |") and points[1]["success"] is None
 
 
