@@ -173,8 +173,13 @@ def render(results: list[dict], rounds: int, fraction: float) -> str:
     load = os.getloadavg()[0]
     lines += [
         "",
-        f"Load average when this finished: {load:.1f} on {os.cpu_count()} cores (other jobs "
-        "shared the machine; times on an idle machine are lower).",
+        f"Load average when this finished: {load:.1f} on {os.cpu_count()} cores"
+        + (
+            " (more than the cores: other jobs shared the machine, and times on an idle "
+            "machine are lower)."
+            if load > (os.cpu_count() or 1)
+            else "."
+        ),
     ]
     return "\n".join(lines)
 
