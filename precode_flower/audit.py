@@ -413,7 +413,7 @@ class LeakageAuditor:
         workers, threads: worker processes, and torch threads in each.
         nice: niceness added to the workers (0-19; Unix). The default, the lowest priority,
             leaves contended CPUs to training: the audit then slows rounds little and lags
-            behind them instead (docs/BENCHMARKS.md: 1.2x slower rounds at 19, 1.8x at 10).
+            behind them instead (measured: "Auditor overhead" in docs/BENCHMARKS.md).
         seed: seeds client sampling and every attack.
         attack_options: extra options per attack, e.g. ``{"ig": {"lr": 0.1}}``.
         progress: show a progress bar while :meth:`close` waits.
