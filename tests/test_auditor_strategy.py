@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import stat
 import subprocess
 import sys
@@ -158,7 +159,9 @@ def test_simulation_reports_the_analytic_leak(tmp_path: Path, defense: str) -> N
     assert all(r["success"] and r["label_accuracy"] == 1.0 for r in rows)
     expected = "with no defense" if defense == "none" else "despite defense precode"
     assert f"LEAK: analytic reconstructed 6/6 audited images (SSIM 1.00) {expected}" in run.stdout
-    assert "leak: analytic 3/3 ssim 1.00" in run.stdout + run.stderr  # the round lines
+    # The round lines: round 1's result shows on round 1's line, or on round 2's as "leak r1:"
+    # when the attack finished after round 1 ended (a slow machine).
+    assert re.search(r"leak( r1)?: analytic 3/3 ssim 1\.00", run.stdout + run.stderr)
     recon = out / "reconstructions"
     assert stat.S_IMODE(recon.stat().st_mode) == 0o700
     private = [*recon.iterdir(), out / "leakage.jsonl"]
