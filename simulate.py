@@ -124,7 +124,7 @@ def _limit_malloc_arenas(value: str) -> None:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-8, int(value))  # M_ARENA_MAX
     except (OSError, AttributeError, ValueError):
-        pass
+        pass  # not glibc: the environment variable alone applies to the processes Ray starts
 
 
 def embedded_data_dir(out: Path) -> Path:

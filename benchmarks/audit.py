@@ -131,7 +131,6 @@ def main() -> None:
     print(body)
     if not args.no_write:
         write_section(args.output, "Auditor overhead", body)
-        print(f"wrote the 'Auditor overhead' section of {args.output}")
 
 
 if __name__ == "__main__":

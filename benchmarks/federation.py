@@ -401,7 +401,6 @@ actor's share at the cost of parallel clients; a CPU-only torch wheel shrinks ev
     print(body)
     if not args.no_write:
         write_section(args.out, "Federation overhead", body)
-        print(f"wrote the 'Federation overhead' section of {args.out}")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,4 @@ def write_section(path: str | Path, heading: str, body: str, title: str = "# Ben
         lines = [*lines[:start], *section, *lines[end:]]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip("\n") + "\n")
+    print(f"wrote the '{heading}' section of {path}")

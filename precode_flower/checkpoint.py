@@ -147,7 +147,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some filesystems cannot fsync a directory; the file itself is already synced
     finally:
         os.close(fd)
     return path

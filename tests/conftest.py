@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -66,8 +67,8 @@ def free_port() -> Callable[[], int]:
     return take
 
 
-@pytest.fixture
-def task_identity() -> Iterator[None]:
+@contextlib.contextmanager
+def _fixed_task_identity() -> Iterator[None]:
     """Flower's TaskIdentity, which strategies need to build messages outside a ServerApp."""
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -77,6 +78,20 @@ def task_identity() -> Iterator[None]:
         yield
     finally:
         TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """A fixed TaskIdentity for one test (strategies build messages outside a ServerApp)."""
+    with _fixed_task_identity():
+        yield
+
+
+@pytest.fixture(scope="module")
+def module_task_identity() -> Iterator[None]:
+    """The same for module-scoped fixtures."""
+    with _fixed_task_identity():
+        yield
 
 
 def make_message(content, message_type: str, *, src: int = 1, dst: int = 5, round_: int = 1):

@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,25 +197,13 @@ class _Capture(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-@pytest.fixture(scope="module")
-def identity() -> Iterator[None]:
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 1, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _model_mb(cfg: task.RunConfig) -> float:
     model = task.build_model(cfg, 10, (3, 32, 32), seed=0)
     return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
 
 
 @pytest.fixture(scope="module")
-def bad_round(identity, tmp_path_factory) -> BadRound:
+def bad_round(module_task_identity, tmp_path_factory) -> BadRound:
     """One FedAvg round: 2 honest clients and one client per bad kind, in-process."""
     from conftest import InProcessGrid
 
