@@ -32,6 +32,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from precode_flower import task
+from strategies.arrays import arrays_view, to_array_record
 
 app = ClientApp()
 
@@ -108,10 +109,10 @@ def _setup(
 def train(msg: Message, context: Context) -> Message:
     """Compute this client's update (FedSGD gradient or FedAvg weights) for the round."""
     cfg, data, model, server_round = _setup(msg, context, with_train=True)
-    state = msg.content["arrays"].to_torch_state_dict()
+    state = arrays_view(msg.content["arrays"])
     update = task.compute_update(model, state, data, cfg, server_round)
     update = task.inject_fault(update, cfg, data.partition_id, server_round)
-    arrays = ArrayRecord({k: Array(v) for k, v in update.arrays.items()})
+    arrays = to_array_record(update.arrays)
     metrics = MetricRecord(update.metrics(data.partition_id, cfg.audit_ground_truth))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
@@ -120,7 +121,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's test share."""
     cfg, data, model, _ = _setup(msg, context, with_train=False)
-    stats = task.evaluate_client(model, msg.content["arrays"].to_torch_state_dict(), data)
+    stats = task.evaluate_client(model, arrays_view(msg.content["arrays"]), data)
     metrics = MetricRecord(
         {
             "num-examples": int(stats.examples),

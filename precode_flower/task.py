@@ -32,6 +32,7 @@ import dataclasses
 import functools
 import math
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -299,10 +300,19 @@ def initial_state(
     return build_model(cfg, num_classes, input_shape, seed=cfg.seed).state_dict()
 
 
+def as_tensor(values: Tensor | np.ndarray) -> Tensor:
+    """``torch.as_tensor`` without a copy, also of read-only arrays (zero-copy views of
+    received bytes); callers only read the result."""
+    if isinstance(values, np.ndarray) and not values.flags.writeable:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+            return torch.as_tensor(values)
+    return torch.as_tensor(values)
+
+
 def load_state(model: nn.Module, state: Mapping[str, Tensor | np.ndarray]) -> None:
     """Load a full state dict of tensors or arrays (strict; dtypes cast to the model's)."""
-    tensors = {k: torch.as_tensor(v) for k, v in state.items()}
-    model.load_state_dict(tensors, strict=True)
+    model.load_state_dict({k: as_tensor(v) for k, v in state.items()}, strict=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,7 +544,7 @@ def compute_update(
     order = torch.cat(used).numpy()
     state = model.state_dict()
     if has_update_defense(cfg.defenses):
-        start = {k: torch.as_tensor(global_state[k]) for k, _ in params}
+        start = {k: as_tensor(global_state[k]) for k, _ in params}
         delta = {k: state[k] - start[k].to(state[k].dtype) for k, _ in params}
         delta = apply_update_defenses(delta, cfg.defenses, cfg.defense_params, noise_gen)
         state = OrderedDict(

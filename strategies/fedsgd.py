@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+
+from .arrays import array_view, arrays_view, to_array_record
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class FedSGD(FedAvg):
 
     def _set_global(self, arrays: ArrayRecord) -> None:
         """Keep the global model; (re)build the optimiser only if the parameters changed."""
-        self._global = OrderedDict((k, v.numpy()) for k, v in arrays.items())
+        self._global = OrderedDict(arrays_view(arrays))
         keys = self.param_keys
         if keys is None:
             keys = tuple(k for k, a in self._global.items() if np.issubdtype(a.dtype, np.floating))
@@ -159,7 +161,7 @@ class FedSGD(FedAvg):
         else:  # same parameters: copy values in place, keep the optimiser state
             with torch.no_grad():
                 for k, p in self._params.items():
-                    p.copy_(torch.from_numpy(self._global[k]))
+                    np.copyto(p.detach().numpy(), self._global[k])
 
     def state_dict(self) -> dict[str, Any]:
         """The server optimiser's state (for checkpoints); empty before the first round."""
@@ -233,7 +235,7 @@ class FedSGD(FedAvg):
         for _, msg, w in usable:
             record = msg.content[self.arrayrecord_key]
             for k in self._params:
-                g = record[k].numpy().astype(np.float64) * (w / total)
+                g = array_view(record[k]).astype(np.float64) * (w / total)
                 mean[k] = g if k not in mean else mean[k] + g
         if not all(np.isfinite(g).all() for g in mean.values()):
             log.warning(
@@ -250,7 +252,7 @@ class FedSGD(FedAvg):
         for k, a in self._global.items():
             new[k] = self._params[k].detach().numpy().astype(a.dtype) if k in self._params else a
         self._global = new
-        arrays = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()})
+        arrays = to_array_record(new)
         metrics = self.train_metrics_aggr_fn(
             [m.content for _, m, _ in usable], self.weighted_by_key
         )

@@ -37,6 +37,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from .arrays import array_view, arrays_view
 from .validation import ReplyValidator
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ class Observed(Strategy):
                 )
         self._contexts[server_round] = RoundContext(
             server_round=server_round,
-            global_arrays={k: v.numpy() for k, v in sent_arrays.items()},
+            global_arrays=arrays_view(sent_arrays),
             train_config=dict(sent_config),
         )
         self._requests["train", server_round] = messages
@@ -278,7 +279,7 @@ class Observed(Strategy):
         rec.train_metrics = dict(metrics) if metrics is not None else None
         if arrays is None:
             self._skip(rec, "the strategy produced no new model")
-        elif not all(np.isfinite(a.numpy()).all() for a in arrays.values() if _inexact(a)):
+        elif not all(np.isfinite(array_view(a)).all() for a in arrays.values() if _inexact(a)):
             # Large finite updates can still overflow in the weighted sum.
             return self._skip(rec, "the aggregated model is not finite"), metrics
         return arrays, metrics
@@ -322,7 +323,7 @@ class Observed(Strategy):
         return ClientReply(
             node_id=msg.metadata.src_node_id,
             partition_id=int(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None,
-            arrays={k: v.numpy() for k, v in msg.content[akey].items()},
+            arrays=arrays_view(msg.content[akey]),
             metrics=metrics,
             num_examples=int(weight)
             if isinstance(weight, int | float) and math.isfinite(weight)
