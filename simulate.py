@@ -67,12 +67,21 @@ from strategies.auditor import add_audit_args, audit_from_args, simulation_groun
 LOOPBACK = {"127.0.0.1", "localhost"}
 
 
+# Ray's object store carries every message (Ray's default: 30% of RAM). Its shared pages,
+# once touched, stay resident; a round only needs a few model-sized messages at a time,
+# and 256 MiB instead of the default cut the tree's peak memory by about 0.2 GiB
+# (docs/BENCHMARKS.md). Larger messages spill to disk rather than fail.
+DEFAULT_OBJECT_STORE_MB = 256
+MIN_OBJECT_STORE_MB = 75  # Ray's minimum
+
+
 def backend_config(
     *,
     ray_address: str | None,
     temp_dir: str | None,
     client_cpus: float,
     verbose: bool = False,
+    object_store_mb: int = DEFAULT_OBJECT_STORE_MB,
 ) -> dict[str, Any]:
     """Flower's Ray backend config: local 127.0.0.1 instance, or an existing cluster."""
     init_args: dict[str, Any] = {
@@ -90,6 +99,7 @@ def backend_config(
     else:
         init_args["_node_ip_address"] = "127.0.0.1"
         init_args["num_cpus"] = os.cpu_count() or 1
+        init_args["object_store_memory"] = object_store_mb << 20
         if temp_dir:
             init_args["_temp_dir"] = temp_dir
     return {
@@ -170,6 +180,12 @@ def build_parser() -> OneLineParser:
         help="CPUs per client actor (<= the machine's; fewer means more parallel clients)",
     )
     r.add_argument(
+        "--object-store-mb",
+        type=int,
+        default=DEFAULT_OBJECT_STORE_MB,
+        help="object store of the local Ray instance in MiB (messages in flight live there)",
+    )
+    r.add_argument(
         "--ray-temp-dir",
         default=None,
         help="temp dir of the local Ray instance (default: a fresh tmp dir, removed afterwards)",
@@ -197,6 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpus = os.cpu_count() or 1
     if not 0 < args.client_cpus <= cpus and args.ray_address is None:
         parser.error(f"--client-cpus must be in (0, {cpus}] on this machine")
+    if args.object_store_mb < MIN_OBJECT_STORE_MB:
+        parser.error(f"--object-store-mb must be at least {MIN_OBJECT_STORE_MB} (Ray's minimum)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if args.ray_address is None or args.ray_address.rsplit(":", 1)[0] in LOOPBACK:
         # Must be set before Ray is imported; see the module docstring.
@@ -252,6 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 temp_dir=temp_dir,
                 client_cpus=args.client_cpus,
                 verbose=args.verbose,
+                object_store_mb=args.object_store_mb,
             ),
             verbose_logging=args.verbose,
         )

@@ -52,7 +52,7 @@ from .defenses import (
 )
 from .models import MODELS, build
 from .partition import SCHEMES, partition
-from .training import EvalStats, evaluate, loss_fn
+from .training import EvalStats, LocalSGD, evaluate, loss_fn
 
 __all__ = [
     "FAULTS",
@@ -528,13 +528,13 @@ def compute_update(
         steps = cfg.local_steps or max(1, round(cfg.local_epochs * per_epoch))
         gen = torch.Generator().manual_seed(s_batch)
         batches = _epoch_batches(n, cfg.batch_size, gen)
-        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+        opt = LocalSGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
         used: list[Tensor] = []
         loss_sum, correct = 0.0, 0
         for _ in range(steps):
             idx = next(batches)
             x, y = data.x_train[idx], data.y_train[idx]
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad()
             loss, logits = loss_fn(model, x, y)
             loss.backward()
             opt.step()

@@ -7,7 +7,7 @@ from torch.utils.data import TensorDataset
 
 import precode_flower as pf
 from precode_flower.models import MODELS, build
-from precode_flower.training import compute_gradients, evaluate, train
+from precode_flower.training import LocalSGD, compute_gradients, evaluate, loss_fn, train
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -60,3 +60,28 @@ def test_train_argument_errors():
         train(model, data)
     with pytest.raises(ValueError, match="empty"):
         train(model, (data[0][:0], data[1][:0]), steps=1)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_local_sgd_takes_torch_optim_sgd_steps_exactly(momentum):
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(build("mlp", 10, (1, 8, 8)))
+    start = [p.detach().clone() for p in models[0].parameters()]
+    ours = LocalSGD(models[0].parameters(), lr=0.1, momentum=momentum)
+    reference = torch.optim.SGD(models[1].parameters(), lr=0.1, momentum=momentum)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x, y = torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+        for model, opt in zip(models, (ours, reference), strict=True):
+            opt.zero_grad()
+            loss_fn(model, x, y)[0].backward()
+            opt.step()
+    for a, b, s in zip(models[0].parameters(), models[1].parameters(), start, strict=True):
+        assert torch.equal(a, b) and not torch.equal(a, s)
+
+
+def test_local_sgd_rejects_negative_rates():
+    with pytest.raises(ValueError, match="lr and momentum"):
+        LocalSGD([torch.zeros(1, requires_grad=True)], lr=-1.0)

@@ -37,6 +37,7 @@ ROUND_KEYS = {"round", "clients", "rejected", "failed", "train_loss", "test_accu
         (["--prune-rate", "1"], "prune-rate"),
         (["--rounds", "two"], "positive integer"),
         (["--client-cpus", "999"], "--client-cpus"),
+        (["--object-store-mb", "10"], "--object-store-mb must be at least 75"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(argv, fragment, capsys) -> None:
@@ -54,9 +55,10 @@ def test_backend_config_is_local_and_bounded() -> None:
     assert local["init_args"]["include_dashboard"] is False
     assert local["init_args"]["_temp_dir"] == "/tmp/x"
     assert local["client_resources"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert local["init_args"]["object_store_memory"] == simulate.DEFAULT_OBJECT_STORE_MB << 20
     remote = simulate.backend_config(ray_address="127.0.0.1:6379", temp_dir=None, client_cpus=0.5)
     assert remote["init_args"]["address"] == "127.0.0.1:6379"
-    assert "num_cpus" not in remote["init_args"] and "_temp_dir" not in remote["init_args"]
+    assert not {"num_cpus", "_temp_dir", "object_store_memory"} & set(remote["init_args"])
 
 
 def test_default_data_is_the_embedded_cifar10_linked_into_the_run(tmp_path, capsys) -> None:
