@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from precode_flower import checkpoint as ckpt_mod
 from precode_flower import data as data_mod
-from precode_flower import task
+from precode_flower import heap, task
 from precode_flower.defenses import DEFENSES, parse_defenses
 from precode_flower.models import MODELS
 from precode_flower.partition import SCHEMES
@@ -325,6 +325,8 @@ def train_rounds(
         messages = observed.configure_train(server_round, arrays, train_config, grid)
         replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
         new, _ = observed.aggregate_train(server_round, replies)
+        del replies, messages  # the round's model-sized messages: free them, then trim
+        heap.release_freed_memory()
         if new is not None:
             arrays = new
         if hasattr(inner, "min_available_nodes"):

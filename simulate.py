@@ -41,8 +41,6 @@ clients in each round's ConfigRecord.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import dataclasses
 import logging
 import os
@@ -55,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 import precode_flower
+from precode_flower import heap
 from server import (
     OneLineParser,
     add_training_args,
@@ -126,15 +125,6 @@ def _configure_logging(verbose: bool) -> None:
     flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
     for h in flwr_logger.handlers:
         h.addFilter(_DropDeprecation())
-
-
-def _limit_malloc_arenas(value: str) -> None:
-    """MALLOC_ARENA_MAX for this (already running) process too; glibc only."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-8, int(value))  # M_ARENA_MAX
-    except (OSError, AttributeError, ValueError):
-        pass  # not glibc: the environment variable alone applies to the processes Ray starts
 
 
 def embedded_data_dir(out: Path) -> Path:
@@ -224,7 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # per process, and the client actors' freed message buffers stay resident. Two arenas
     # cut the actors' memory by about a fifth (see docs/BENCHMARKS.md, Federation overhead).
     os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    _limit_malloc_arenas(os.environ["MALLOC_ARENA_MAX"])
+    try:
+        heap.limit_malloc_arenas(int(os.environ["MALLOC_ARENA_MAX"]))
+    except ValueError:
+        pass  # a malformed value in the environment: glibc ignores it there too
     out = out_dir_from_args(parser, args)
     if _data_source(parser, args) == "embedded":
         cfg = dataclasses.replace(cfg, data_dir=str(embedded_data_dir(out)))

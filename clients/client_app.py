@@ -23,15 +23,13 @@ the node need not partition again.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from precode_flower import task
+from precode_flower import heap, task
 from strategies.arrays import arrays_view, to_array_record
 
 app = ClientApp()
@@ -71,31 +69,12 @@ def _cached_train_indices(
     return indices
 
 
-def _release_freed_memory() -> None:
-    """Return freed heap pages to the OS (glibc only; a no-op elsewhere).
-
-    A simulation actor serves many clients in turn; without this, the freed buffers of
-    earlier messages (models, gradients, serialised arrays) stay resident in its heap.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> Any:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc if hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
-
-
-_LIBC = _load_libc()
-
-
 def _setup(
     msg: Message, context: Context, *, with_train: bool
 ) -> tuple[task.RunConfig, task.ClientData, Any, int]:
-    _release_freed_memory()
+    # A simulation actor serves many clients in turn; without this, the freed buffers of
+    # earlier messages (models, gradients, serialised arrays) stay resident in its heap.
+    heap.release_freed_memory()
     config = msg.content["config"]
     cfg = task.RunConfig.from_mapping(dict(config))
     pid, n, data_dir = _node_settings(context)

@@ -66,6 +66,33 @@ def test_iid_is_balanced(labels: np.ndarray) -> None:
     assert all(len(c) == 10 for c in classes_of(labels, parts))
 
 
+@pytest.mark.parametrize(("n", "clients", "seed"), [(2000, 7, 0), (2000, 10, 3), (13, 13, 1)])
+def test_iid_is_flowers_iid_partitioner(n: int, clients: int, seed: int) -> None:
+    """IID is cut with NumPy; it must stay what Flower Datasets' IidPartitioner gives."""
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    labels = np.arange(n) % 10
+    order = np.random.default_rng(seed).permutation(n)
+    flowers = IidPartitioner(num_partitions=clients)
+    flowers.dataset = datasets.Dataset.from_dict({"label": labels[order], "index": order})
+    expected = [np.sort(flowers.load_partition(i)["index"]) for i in range(clients)]
+    got = partition(labels, clients, "iid", seed=seed)
+    assert len(got) == clients
+    for ours, theirs in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_iid_does_not_import_hugging_face_datasets() -> None:
+    code = (
+        "import sys, numpy as np; from precode_flower.partition import partition; "
+        "partition(np.arange(100) % 10, 4, 'iid'); print('datasets' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_seeded(labels: np.ndarray, scheme: str) -> None:
     a = partition(labels, 8, scheme, seed=7)
