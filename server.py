@@ -36,6 +36,7 @@ own ``$FLWR_HOME/config.toml`` instead). docs/DEPLOYMENT.md shows the secure dep
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -397,18 +398,22 @@ def run_federation(
         round_log.on_evaluation(server_round, stats.loss, stats.accuracy)
         return MetricRecord({"test-loss": stats.loss, "test-accuracy": stats.accuracy})
 
+    writer = ckpt_mod.CheckpointWriter(out)
+
     def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
-        state = strategy.state_dict() if isinstance(strategy, FedSGD) else {}
-        ckpt_mod.save_checkpoint(
-            out,
-            ckpt_mod.Checkpoint(
+        # Snapshot what the next round changes (the server optimiser's buffers are updated
+        # in place, the RNGs advance); the model record itself is replaced, never changed.
+        state = copy.deepcopy(strategy.state_dict()) if isinstance(strategy, FedSGD) else {}
+        rng, initial = ckpt_mod.rng_state(), dict(round_log.initial)
+        writer.submit(
+            lambda: ckpt_mod.Checkpoint(
                 round=server_round,
                 config=cfg.to_config(),
                 model=arrays.to_torch_state_dict(),
                 strategy=state,
-                rng=ckpt_mod.rng_state(),
-                initial=round_log.initial,
-            ),
+                rng=rng,
+                initial=initial,
+            )
         )
 
     started = time.perf_counter()
@@ -426,6 +431,7 @@ def run_federation(
             after_round=checkpoint,
         )
     finally:
+        writer.close()  # the last round's checkpoint is on disk before the run returns
         observed.close()
         round_log.close()
     torch.save(arrays.to_torch_state_dict(), out / "model.pt")
@@ -462,12 +468,19 @@ def make_server_app(
     observers: Sequence[Observer] = (),
     progress: bool = True,
     resume: bool = False,
+    grid_wrapper: Callable[[Grid], Grid] | None = None,
 ) -> ServerApp:
-    """A ServerApp that runs ``cfg`` (for ``run_simulation``, which ignores run configs)."""
+    """A ServerApp that runs ``cfg`` (for ``run_simulation``, which ignores run configs).
+
+    ``grid_wrapper``: applied to the Grid that Flower gives the app (simulate.py's
+    :class:`~strategies.ray_transport.SharedModelGrid`).
+    """
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
+        if grid_wrapper is not None:
+            grid = grid_wrapper(grid)
         run_federation(grid, cfg, out_dir, observers=observers, progress=progress, resume=resume)
 
     return server_app

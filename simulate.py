@@ -27,6 +27,11 @@ on all interfaces. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's switch for sin
 use) keeps the node address, and so every listener, on 127.0.0.1. simulate.py sets it for
 its own instance and for loopback ``--ray-address``; a multi-machine cluster needs it unset.
 
+Messages: the ServerApp's grid is wrapped in
+:class:`~strategies.ray_transport.SharedModelGrid` (the global model crosses Ray's object
+store once per round, not once per message) and Flower's simulation feeder is woken after
+each push (:func:`~strategies.ray_transport.install_prompt_feeder`).
+
 Data: by default (CIFAR-10, no ``--data-dir``) the small CIFAR-10 embedded in the package
 (2,000 train / 500 test images), which keeps the default run well under a minute and a
 half on 2 cores; it is linked into ``<out>/data`` and the run's ``data-dir`` names that
@@ -235,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clients.client_app import app as client_app
     from server import make_server_app
+    from strategies.ray_transport import SharedModelGrid, install_prompt_feeder
+
+    install_prompt_feeder()  # clients start right after each push, not within 0.1 s
 
     own_tmp = temp_dir = None
     if args.ray_address is None:
@@ -254,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 observers=[audit] if audit else (),
                 progress=not args.no_progress,
                 resume=bool(args.resume),
+                grid_wrapper=SharedModelGrid,  # the global model crosses Ray's store once
             ),
             client_app=client_app,
             num_supernodes=cfg.clients,

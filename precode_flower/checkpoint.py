@@ -19,10 +19,12 @@ Nothing here imports Flower.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
+import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,7 @@ __all__ = [
     "RESUMABLE_KEYS",
     "Checkpoint",
     "CheckpointError",
+    "CheckpointWriter",
     "config_differences",
     "load_checkpoint",
     "model_digest",
@@ -151,6 +154,58 @@ def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     finally:
         os.close(fd)
     return path
+
+
+class CheckpointWriter:
+    """Saves checkpoints on a background thread, so that a round need not wait for the disk.
+
+    :meth:`submit` takes a function that builds the :class:`Checkpoint` on the writer thread
+    (so it must only read state that no longer changes: snapshot the rest before). A newer
+    submission replaces one whose save has not started: only the latest state is worth
+    writing. :meth:`close` waits for the last save. A failed save is logged, and the run
+    goes on; the previous checkpoint file stays in place, whole.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.saved_round = 0  # round of the last checkpoint written
+        self._pending: Callable[[], Checkpoint] | None = None
+        self._closed = False
+        self._wake = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, make: Callable[[], Checkpoint]) -> None:
+        """Queue a checkpoint (built by ``make`` on the writer thread)."""
+        with self._wake:
+            if self._closed:
+                raise RuntimeError("CheckpointWriter is closed")
+            self._pending = make
+            self._wake.notify()
+
+    def close(self) -> None:
+        """Write what is queued, then stop the writer thread."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while self._pending is None and not self._closed:
+                    self._wake.wait()
+                make, self._pending = self._pending, None
+                if make is None:  # closed, nothing left
+                    return
+            try:
+                ckpt = make()
+                save_checkpoint(self.run_dir, ckpt)
+                self.saved_round = ckpt.round
+            except Exception:  # the run goes on; the previous checkpoint is still whole
+                logging.getLogger(__name__).exception(
+                    "could not save the checkpoint in %s", self.run_dir
+                )
 
 
 def config_differences(

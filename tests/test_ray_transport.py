@@ -1,0 +1,178 @@
+"""Shared ArrayRecords, the shared-model grid and the prompt feeder (strategies/ray_transport)."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_message
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from strategies import ray_transport
+from strategies.arrays import to_array_record
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_share_without_ray_returns_the_record_itself() -> None:
+    record = to_array_record({"w": np.ones((3, 4), np.float32)})
+    assert ray_transport.share(record) is record
+    assert ray_transport.share(ArrayRecord()) is not None
+
+
+@pytest.mark.slow
+def test_shared_records_through_a_ray_actor(flower_env) -> None:
+    """One put for both messages; the actor sees ordinary, equal records and reads the
+    shared model once; its shared reply arrives as an ordinary, equal record."""
+    temp = flower_env / "ray" / "transport"
+    temp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "ray_transport_probe.py"), str(temp)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["shared_type"] == "SharedArrayRecord"
+    assert out["same_record_in_both"]
+    assert out["original_untouched"] == "ArrayRecord"
+    assert out["actor_types"] == ["ArrayRecord", "ArrayRecord"]
+    assert out["actor_digests"] == [out["expected_digest"]] * 2
+    assert out["actor_read_once"]
+    assert out["reply_type"] == "ArrayRecord"
+    assert out["reply_digest"] == out["expected_reply"]
+    assert out["changed_pickles_plain"] == "_plain"
+
+
+class _FakeGrid:
+    """push/pull over a dict; a reply appears ``delay`` seconds after its push."""
+
+    def __init__(self, delay: float = 0.0, lose: int = 0) -> None:
+        self.delay, self.lose = delay, lose
+        self.pull_interval = 0.1
+        self.pushed: list = []
+        self._due: dict[str, float] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            mid = f"id{len(self.pushed)}"
+            self.pushed.append(m)
+            if i >= self.lose:
+                self._due[mid] = time.monotonic() + self.delay
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        now = time.monotonic()
+        out = []
+        for mid in list(ids):
+            if mid in self._due and self._due[mid] <= now:
+                del self._due[mid]
+                reply = make_message(RecordDict(), "train")
+                reply.metadata.__dict__["_reply_to_message_id"] = mid
+                out.append(reply)
+        return out
+
+
+def _messages(n: int, record: ArrayRecord):
+    content = RecordDict({"arrays": record, "config": ConfigRecord({"lr": 0.1})})
+    return [make_message(content, "train", dst=10 + i) for i in range(n)]
+
+
+def test_grid_waits_for_every_reply_and_forwards_settings() -> None:
+    inner = _FakeGrid(delay=0.05)
+    grid = ray_transport.SharedModelGrid(inner)
+    grid.pull_interval = 0.005  # reaches the wrapped grid (run_federation sets it)
+    assert inner.pull_interval == 0.005
+    replies = list(grid.send_and_receive(_messages(3, to_array_record({"w": np.ones(2)}))))
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id0", "id1", "id2"]
+    assert len(inner.pushed) == 3
+
+
+def test_grid_stops_at_the_timeout() -> None:
+    inner = _FakeGrid(lose=1)  # the first message never gets a reply
+    grid = ray_transport.SharedModelGrid(inner)
+    inner.pull_interval = 0.01
+    started = time.monotonic()
+    replies = list(
+        grid.send_and_receive(_messages(2, to_array_record({"w": np.ones(2)})), timeout=0.3)
+    )
+    assert 0.3 <= time.monotonic() - started < 5
+    assert [r.metadata.reply_to_message_id for r in replies] == ["id1"]
+
+
+def test_share_message_arrays_puts_a_record_once_and_caches_across_calls(monkeypatch) -> None:
+    calls: list[ArrayRecord] = []
+
+    def fake_share(record: ArrayRecord) -> ArrayRecord:
+        calls.append(record)
+        return ray_transport.SharedArrayRecord(dict(record.items()))
+
+    monkeypatch.setattr(ray_transport, "share", fake_share)
+    model = to_array_record({"w": np.arange(6.0)})
+    cache: OrderedDict = OrderedDict()
+    first = ray_transport.share_message_arrays(_messages(3, model), cache)
+    assert len(calls) == 1
+    shared = first[0].content["arrays"]
+    assert all(m.content["arrays"] is shared for m in first)
+    again = ray_transport.share_message_arrays(_messages(2, model), cache)  # evaluate phase
+    assert len(calls) == 1 and again[0].content["arrays"] is shared
+    ray_transport.share_message_arrays(_messages(1, to_array_record({"w": np.zeros(6)})), cache)
+    assert len(calls) == 2 and len(cache) == 1  # only the latest model is kept
+
+
+def test_prompt_feeder_delivers_right_after_a_push(monkeypatch) -> None:
+    monkeypatch.setattr(ray_transport, "_FEEDER_TIMEOUT", 30.0)  # only a wake-up can be fast
+
+    class State:
+        def __init__(self) -> None:
+            self.waiting: dict[int, list[str]] = {1: [], 2: []}
+            self.lock = threading.Lock()
+
+        def get_message_ins(self, node_id: int, limit: int):
+            with self.lock:
+                taken, self.waiting[node_id] = (
+                    self.waiting[node_id][:limit],
+                    self.waiting[node_id][limit:],
+                )
+            return taken
+
+    state, out, stop = State(), queue.Queue(), threading.Event()
+    feeder = threading.Thread(
+        target=ray_transport._prompt_feeder, args=(state, out, {1: 0, 2: 1}, stop), daemon=True
+    )
+    feeder.start()
+    try:
+        time.sleep(0.2)  # the feeder has scanned once and waits
+        with state.lock:
+            state.waiting[1].append("a")
+            state.waiting[2].extend(["b", "c"])
+        started = time.monotonic()
+        ray_transport._PUSHED.set()
+        got = {out.get(timeout=10), out.get(timeout=10), out.get(timeout=10)}
+        assert got == {"a", "b", "c"}
+        assert time.monotonic() - started < 10  # far below the 30 s timer
+    finally:
+        stop.set()
+        ray_transport._PUSHED.set()
+        feeder.join(timeout=10)
+    assert not feeder.is_alive()
+
+
+def test_install_prompt_feeder_replaces_flowers_feeder(monkeypatch) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    assert ray_transport.install_prompt_feeder()
+    assert vce_api.add_messages_to_queue is ray_transport._prompt_feeder
