@@ -21,10 +21,11 @@ import functools
 import gzip
 import os
 import pickle
+import threading
 import zipfile
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -105,22 +106,56 @@ _CIFAR100_FILES = ("train", "test", "meta")
 Source = Literal["auto", "pack", "embedded"]
 
 
+class _Split:
+    """One split's uint8 images and labels, normalised to float32 tensors on first use.
+
+    A process that needs only one split (the server evaluates on the test split) then
+    never holds the other one in float32, four times the size of its uint8 pixels.
+    """
+
+    def __init__(
+        self, x_u8: np.ndarray, y: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]
+    ) -> None:
+        self._raw: tuple[np.ndarray, np.ndarray] | None = (x_u8, y)
+        self._norm = (mean, std)
+        self._dataset: TensorDataset | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> TensorDataset:
+        with self._lock:
+            if self._dataset is None:
+                assert self._raw is not None
+                x_u8, y = self._raw
+                self._dataset = TensorDataset(_images(x_u8, *self._norm), _labels(y))
+                self._raw = None  # the float32 tensors replace the uint8 arrays
+            return self._dataset
+
+
 @dataclass(frozen=True)
 class DataBundle:
     """A dataset ready for training: normalised NCHW float32 images and int64 labels.
 
-    Bundles are cached and shared between callers of :func:`load`: treat the tensors as
-    read-only (copy before modifying them in place).
+    ``train`` and ``test`` are decoded on first access. Bundles are cached and shared
+    between callers of :func:`load`: treat the tensors as read-only (copy before modifying
+    them in place).
     """
 
     name: str
-    train: TensorDataset
-    test: TensorDataset
+    train_split: _Split = field(repr=False)
+    test_split: _Split = field(repr=False)
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     input_shape: tuple[int, int, int]
     source: str
+
+    @property
+    def train(self) -> TensorDataset:
+        return self.train_split.get()
+
+    @property
+    def test(self) -> TensorDataset:
+        return self.test_split.get()
 
     @property
     def num_classes(self) -> int:
@@ -323,8 +358,8 @@ def _cached(
     where = str(paths[0].parent) if reader in ("idx", "cifar10-pickle", "cifar100-pickle") else ""
     return DataBundle(
         name=name,
-        train=TensorDataset(_images(x_train, mean, std), _labels(y_train)),
-        test=TensorDataset(_images(x_test, mean, std), _labels(y_test)),
+        train_split=_Split(x_train, y_train, mean, std),
+        test_split=_Split(x_test, y_test, mean, std),
         classes=tuple(str(c) for c in classes),
         mean=mean,
         std=std,
