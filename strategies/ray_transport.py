@@ -9,7 +9,7 @@ on fresh shared memory). Here:
   the NumPy buffers out of band) and returns a :class:`SharedArrayRecord`, whose pickled
   form is only that object's reference. Unpickled (in an actor, or in the driver for a
   reply) it is an ordinary ``ArrayRecord`` again, read from the object store with one
-  copy; an actor keeps the last records it read, so the clients it serves in turn copy
+  copy; a process keeps the last record it read, so the clients an actor serves in turn copy
   the same global model once.
 - :class:`SharedModelGrid` shares the ArrayRecords of every message the ServerApp sends,
   and wakes Flower's message feeder (see :func:`install_prompt_feeder`) right after each
