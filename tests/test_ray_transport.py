@@ -16,6 +16,7 @@ import pytest
 from conftest import make_message
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
+from precode_flower.processes import session_pids, stop_sessions
 from strategies import ray_transport
 from strategies.arrays import to_array_record
 
@@ -34,15 +35,22 @@ def test_shared_records_through_a_ray_actor(flower_env) -> None:
     shared model once; its shared reply arrives as an ordinary, equal record."""
     temp = flower_env / "ray" / "transport"
     temp.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
+    # Its own session, so that Ray's processes are stopped with it whatever happens.
+    proc = subprocess.Popen(
         [sys.executable, str(REPO / "tests" / "ray_transport_probe.py"), str(temp)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=180,
         cwd=REPO,
+        start_new_session=True,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        stop_sessions([proc.pid], grace=5)
+    assert not session_pids(proc.pid)
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
     assert out["shared_type"] == "SharedArrayRecord"
     assert out["same_record_in_both"]
     assert out["original_untouched"] == "ArrayRecord"
