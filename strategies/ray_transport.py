@@ -9,8 +9,9 @@ on fresh shared memory). Here:
   the NumPy buffers out of band) and returns a :class:`SharedArrayRecord`, whose pickled
   form is only that object's reference. Unpickled (in an actor, or in the driver for a
   reply) it is an ordinary ``ArrayRecord`` again, read from the object store with one
-  copy; a process keeps the last record it read, so the clients an actor serves in turn copy
-  the same global model once.
+  copy. A record shared for many readers (the global model) is kept by each process that
+  read it, so the clients an actor serves in turn copy the same model once; one meant for a
+  single reader (a client's update) is not kept.
 - :class:`SharedModelGrid` shares the ArrayRecords of every message the ServerApp sends,
   and wakes Flower's message feeder (see :func:`install_prompt_feeder`) right after each
   push instead of letting it poll every 0.1 s.
@@ -59,15 +60,17 @@ def _ray() -> Any:
     return ray if connected is not None and connected() else None
 
 
-def _rebuild(ref: Any, meta: _Meta) -> ArrayRecord:
+def _rebuild(ref: Any, meta: _Meta, many_readers: bool = False) -> ArrayRecord:
     """Unpickling a :class:`SharedArrayRecord`: its values from the object store."""
     import ray
 
     key = ref.binary()
-    with _READ_LOCK:
-        cached = _READ_CACHE.get(key)
-        if cached is not None:
-            _READ_CACHE.move_to_end(key)
+    cached = None
+    if many_readers:
+        with _READ_LOCK:
+            cached = _READ_CACHE.get(key)
+            if cached is not None:
+                _READ_CACHE.move_to_end(key)
     if cached is None:
         buffers = ray.get(ref)  # read-only views of the shared memory: copied once here
         cached = ArrayRecord(
@@ -76,6 +79,8 @@ def _rebuild(ref: Any, meta: _Meta) -> ArrayRecord:
                 for (name, dtype, shape, stype), buf in zip(meta, buffers, strict=True)
             }
         )
+        if not many_readers:
+            return cached
         with _READ_LOCK:
             _READ_CACHE[key] = cached
             while len(_READ_CACHE) > _READ_CACHE_SIZE:
@@ -102,7 +107,7 @@ class SharedArrayRecord(ArrayRecord):
         ref = self.__dict__.get("_shared_ref")
         if ref is None:
             return _plain, (dict(self.items()),)
-        return _rebuild, (ref, self.__dict__["_shared_meta"])
+        return _rebuild, (ref, self.__dict__["_shared_meta"], self.__dict__["_many_readers"])
 
     def __setitem__(self, key: str, value: Array) -> None:
         self.__dict__["_shared_ref"] = None
@@ -113,10 +118,11 @@ class SharedArrayRecord(ArrayRecord):
         super().__delitem__(key)
 
 
-def share(record: ArrayRecord) -> ArrayRecord:
+def share(record: ArrayRecord, *, many_readers: bool = False) -> ArrayRecord:
     """``record`` as a :class:`SharedArrayRecord` (its values put into Ray's object store
     once), or ``record`` itself where that cannot help: no Ray connection in this process,
-    an empty record, or one already shared."""
+    an empty record, or one already shared. ``many_readers``: several messages carry it, so
+    each reading process keeps its copy for the next one."""
     ray = _ray()
     if ray is None or not record or isinstance(record, SharedArrayRecord):
         return record
@@ -124,6 +130,7 @@ def share(record: ArrayRecord) -> ArrayRecord:
     meta = tuple((n, a.dtype, tuple(a.shape), a.stype) for n, a in record.items())
     buffers = [np.frombuffer(a.data, np.uint8) for a in record.values()]
     shared.__dict__["_shared_meta"] = meta
+    shared.__dict__["_many_readers"] = many_readers
     shared.__dict__["_shared_ref"] = ray.put(buffers)
     return shared
 
@@ -150,7 +157,7 @@ def share_message_arrays(
                 continue
             hit = cache.get(id(record))
             if hit is None or hit[0] is not record:
-                hit = cache[id(record)] = (record, share(record))
+                hit = cache[id(record)] = (record, share(record, many_readers=True))
             cache.move_to_end(id(record))
             if hit[1] is not record:
                 content[key] = hit[1]

@@ -20,6 +20,7 @@ import ray  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
+from strategies import ray_transport  # noqa: E402
 from strategies.arrays import arrays_view, to_array_record  # noqa: E402
 from strategies.ray_transport import SharedArrayRecord, share, share_message_arrays  # noqa: E402
 
@@ -77,6 +78,9 @@ def main() -> None:
             "actor_read_once": seen[0][2] == seen[1][2],
             "reply_type": type(seen[0][3].content["arrays"]).__name__,
             "reply_digest": digest(seen[0][3].content["arrays"]),
+            # Only the broadcast model is kept by its readers; this process read two
+            # replies (single readers) and nothing else.
+            "driver_cache_entries": len(ray_transport._READ_CACHE),
             "expected_reply": digest(to_array_record({k: v * 2 for k, v in ARRAYS.items()})),
             "changed_pickles_plain": changed.__reduce__()[0].__name__,
         }

@@ -59,6 +59,7 @@ def test_shared_records_through_a_ray_actor(flower_env) -> None:
     assert out["actor_read_once"]
     assert out["reply_type"] == "ArrayRecord"
     assert out["reply_digest"] == out["expected_reply"]
+    assert out["driver_cache_entries"] == 0
     assert out["changed_pickles_plain"] == "_plain"
 
 
@@ -123,7 +124,8 @@ def test_grid_stops_at_the_timeout() -> None:
 def test_share_message_arrays_puts_a_record_once_and_caches_across_calls(monkeypatch) -> None:
     calls: list[ArrayRecord] = []
 
-    def fake_share(record: ArrayRecord) -> ArrayRecord:
+    def fake_share(record: ArrayRecord, *, many_readers: bool = False) -> ArrayRecord:
+        assert many_readers  # every message of the round reads the same model
         calls.append(record)
         return ray_transport.SharedArrayRecord(dict(record.items()))
 
