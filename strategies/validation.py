@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 
+from .arrays import serialised_size
+
 if TYPE_CHECKING:  # the dataclasses live in observed.py, which imports this module
     from .observed import ClientReply, RoundContext
 
@@ -155,7 +157,7 @@ def reply_bytes(msg: Message) -> int:
     total = 0
     content = msg.content
     for record in content.array_records.values():
-        total += sum(len(a.data) for a in record.values())
+        total += sum(serialised_size(a) for a in record.values())
     for records in (content.metric_records, content.config_records):
         for record in records.values():
             for value in record.values():

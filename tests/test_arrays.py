@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from strategies.arrays import array_view, arrays_view, to_array, to_array_record
+from strategies.arrays import (
+    StoredArray,
+    array_view,
+    arrays_view,
+    serialised_size,
+    to_array,
+    to_array_record,
+)
 
 CASES = [
     np.asarray(np.float32(3.0)),  # 0-d
@@ -61,3 +71,57 @@ def test_malformed_payload_raises_value_error(data: bytes | None, match: str) ->
 def test_object_arrays_are_refused() -> None:
     with pytest.raises(ValueError, match="object"):
         to_array(np.array([object()]))
+
+
+@pytest.mark.parametrize("values", CASES, ids=lambda a: f"{a.dtype}{a.shape}")
+def test_stored_array_is_the_same_array_as_an_encoded_one(values: np.ndarray) -> None:
+    stored, plain = StoredArray(values), to_array(values)
+    assert serialised_size(stored) == len(plain.data)
+    assert "_data" not in stored.__dict__  # no bytes made for the size
+    assert stored == plain and plain == stored
+    assert stored.data == plain.data
+    for decoded in (stored.numpy(), array_view(stored), Array.numpy(stored)):
+        assert decoded.dtype == values.dtype and decoded.shape == values.shape
+        np.testing.assert_array_equal(decoded, values)
+    # Flower's wire form (deflate) and object ids are a plain Array's
+    assert _record(x=plain).object_id == _record(x=stored).object_id
+    for clone in (pickle.loads(pickle.dumps(stored)), copy.deepcopy(stored)):
+        assert type(clone) is Array and clone == plain
+
+
+def _record(**arrays: Array) -> ArrayRecord:
+    record = ArrayRecord()
+    for name, a in arrays.items():
+        record[name] = a
+    return record
+
+
+def test_stored_array_views_its_values_and_nobody_can_change_them() -> None:
+    values = np.arange(6, dtype=np.float32)
+    stored = StoredArray(values)
+    view = array_view(stored)
+    assert np.shares_memory(view, values) and not view.flags.writeable
+    copied = stored.numpy()  # Flower's numpy() gives an array of the caller's own
+    assert copied.flags.writeable and not np.shares_memory(copied, values)
+    copied[0] = 99
+    assert array_view(stored)[0] == 0
+    assert values.flags.writeable  # the caller's array itself is left as it was
+
+
+def test_setting_a_field_makes_a_stored_array_plain() -> None:
+    stored = StoredArray(np.arange(4, dtype=np.float32))
+    stored.shape = (2, 2)  # Flower's fields are plain attributes: the bytes now carry it
+    assert stored.values() is None
+    assert stored == Array(
+        "float32", (2, 2), "numpy.ndarray", to_array(np.arange(4.0, dtype=np.float32)).data
+    )
+    np.testing.assert_array_equal(array_view(stored), np.arange(4, dtype=np.float32))
+    stored.data = to_array(np.zeros(4, np.float32)).data
+    np.testing.assert_array_equal(stored.numpy(), np.zeros(4))
+
+
+def test_stored_array_refuses_what_is_not_numbers() -> None:
+    with pytest.raises(ValueError, match="NumPy array of numbers"):
+        StoredArray(np.array([object()]))
+    with pytest.raises(ValueError, match="NumPy array of numbers"):
+        StoredArray([1.0, 2.0])  # type: ignore[arg-type]
