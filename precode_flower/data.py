@@ -41,6 +41,7 @@ __all__ = [
     "denormalize",
     "load",
     "normalize",
+    "shape_and_classes",
 ]
 
 DATASETS: tuple[str, ...] = ("mnist", "fashion-mnist", "cifar10", "cifar100", "breastmnist")
@@ -129,6 +130,20 @@ class _Split:
                 self._dataset = TensorDataset(_images(x_u8, *self._norm), _labels(y))
                 self._raw = None  # the float32 tensors replace the uint8 arrays
             return self._dataset
+
+    def rows(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        """Images and labels at ``indices``, the same values as ``get()`` indexed there;
+        before ``get()``, only those rows are normalised (a client needs its partition)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        with self._lock:
+            dataset, raw = self._dataset, self._raw
+        if dataset is not None:
+            x, y = dataset.tensors
+            picked = torch.from_numpy(indices)
+            return x[picked], y[picked]
+        assert raw is not None
+        x_u8, y = raw
+        return _images(x_u8[indices], *self._norm), _labels(y[indices])
 
 
 @dataclass(frozen=True)
@@ -266,6 +281,12 @@ def _canonical(name: str) -> str:
             f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)} (aliases: {aliases})"
         )
     return key
+
+
+def shape_and_classes(name: str) -> tuple[tuple[int, int, int], int]:
+    """Dataset ``name``'s input shape (C, H, W) and number of classes, without loading it."""
+    key = _canonical(name)
+    return _SHAPES[key], _NUM_CLASSES[key]
 
 
 def load(

@@ -339,6 +339,19 @@ def _mnist_dir(tmp_path: Path) -> Path:
     return raw
 
 
+def test_rows_are_the_split_at_those_indices_without_normalising_it(tmp_path: Path) -> None:
+    _mnist_dir(tmp_path)
+    split = data.load("mnist", data_dir=tmp_path).train_split
+    picked = np.array([11, 0, 0, 5])
+    x, y = split.rows(picked)
+    assert split._dataset is None  # only the rows were normalised
+    full_x, full_y = split.get().tensors
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert torch.equal(x, full_x[picked]) and torch.equal(y, full_y[picked])
+    after = split.rows(picked)  # from the normalised tensors now: the same values
+    assert torch.equal(after[0], x) and torch.equal(after[1], y)
+
+
 def test_synthetic_idx_dir_loads(tmp_path: Path) -> None:
     _mnist_dir(tmp_path)
     assert len(data.load("mnist", data_dir=tmp_path).train) == 12
