@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import sys
@@ -58,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import precode_flower
-from precode_flower import heap
+from precode_flower import heap, task
 from server import (
     OneLineParser,
     add_training_args,
@@ -71,12 +72,21 @@ from strategies.auditor import add_audit_args, audit_from_args, simulation_groun
 LOOPBACK = {"127.0.0.1", "localhost"}
 
 
-# Ray's object store carries every message (Ray's default: 30% of RAM). Its shared pages,
-# once touched, stay resident; a round only needs a few model-sized messages at a time,
-# and 256 MiB instead of the default cut the tree's peak memory by about 0.2 GiB
-# (docs/BENCHMARKS.md). Larger messages spill to disk rather than fail.
-DEFAULT_OBJECT_STORE_MB = 256
+# Ray's object store carries every model-sized message (Ray's default: 30% of RAM). Its
+# shared pages, once touched, stay resident, so it is sized to what a round keeps there at
+# once (object_store_mb): the round's updates, which the server reads in place until it has
+# aggregated them, and the global model, twice (the old one may still be read while the
+# new one is written). Where more is needed, Ray waits 2 s and then spills to disk.
+DEFAULT_OBJECT_STORE_MB = 256  # the least object_store_mb gives
 MIN_OBJECT_STORE_MB = 75  # Ray's minimum
+
+
+def object_store_mb(cfg: task.RunConfig) -> int:
+    """MiB of object store a round of ``cfg`` needs (with half again as slack for the
+    store's own allocator), at least :data:`DEFAULT_OBJECT_STORE_MB`."""
+    per_round = max(1, math.ceil(cfg.fraction * cfg.clients))
+    needed = 1.5 * (per_round + 2) * task.model_bytes(cfg)
+    return max(DEFAULT_OBJECT_STORE_MB, math.ceil(needed / 2**20))
 
 
 def backend_config(
@@ -177,8 +187,9 @@ def build_parser() -> OneLineParser:
     r.add_argument(
         "--object-store-mb",
         type=int,
-        default=DEFAULT_OBJECT_STORE_MB,
-        help="object store of the local Ray instance in MiB (messages in flight live there)",
+        default=None,
+        help="object store of the local Ray instance in MiB (messages in flight live there; "
+        f"default: room for a round's updates and two models, at least {DEFAULT_OBJECT_STORE_MB})",
     )
     r.add_argument(
         "--ray-temp-dir",
@@ -208,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpus = os.cpu_count() or 1
     if not 0 < args.client_cpus <= cpus and args.ray_address is None:
         parser.error(f"--client-cpus must be in (0, {cpus}] on this machine")
-    if args.object_store_mb < MIN_OBJECT_STORE_MB:
+    if args.object_store_mb is not None and args.object_store_mb < MIN_OBJECT_STORE_MB:
         parser.error(f"--object-store-mb must be at least {MIN_OBJECT_STORE_MB} (Ray's minimum)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     if args.ray_address is None or args.ray_address.rsplit(":", 1)[0] in LOOPBACK:
@@ -253,6 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         temp_dir = str(Path(temp_dir).resolve())
         Path(temp_dir).mkdir(parents=True, exist_ok=True)
         os.environ["RAY_TMPDIR"] = temp_dir  # also Ray's files outside the session dir
+    store_mb = args.object_store_mb
+    if store_mb is None:  # (an existing cluster brings its own store: not used there)
+        store_mb = object_store_mb(cfg) if args.ray_address is None else DEFAULT_OBJECT_STORE_MB
     started = time.perf_counter()
     try:
         run_simulation(
@@ -272,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 temp_dir=temp_dir,
                 client_cpus=args.client_cpus,
                 verbose=args.verbose,
-                object_store_mb=args.object_store_mb,
+                object_store_mb=store_mb,
             ),
             verbose_logging=args.verbose,
         )

@@ -30,8 +30,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from precode_flower import heap, task
-from strategies.arrays import arrays_view, to_array_record
-from strategies.ray_transport import share
+from strategies.arrays import arrays_view
+from strategies.ray_transport import share_arrays
 
 app = ClientApp()
 
@@ -92,8 +92,8 @@ def train(msg: Message, context: Context) -> Message:
     state = arrays_view(msg.content["arrays"])
     update = task.compute_update(model, state, data, cfg, server_round)
     update = task.inject_fault(update, cfg, data.partition_id, server_round)
-    # In a Ray actor the update crosses the object store with one copy (no-op elsewhere).
-    arrays = share(to_array_record(update.arrays))
+    # One copy: into Ray's object store in a simulation actor, else into .npy bytes.
+    arrays = share_arrays(update.arrays)
     metrics = MetricRecord(update.metrics(data.partition_id, cfg.audit_ground_truth))
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

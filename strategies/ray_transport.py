@@ -8,13 +8,19 @@ on fresh shared memory). Here:
 - :func:`share` puts a record's values into the object store once (``ray.put``, one copy,
   the NumPy buffers out of band) and returns a :class:`SharedArrayRecord`, whose pickled
   form is only that object's reference. Unpickled (in an actor, or in the driver for a
-  reply) it is an ordinary ``ArrayRecord`` again, read from the object store with one
-  copy. A record shared for many readers (the global model) is kept by each process that
-  read it, so the clients an actor serves in turn copy the same model once; one meant for a
-  single reader (a client's update) is not kept.
+  reply) it is an ordinary ``ArrayRecord`` again, of
+  :class:`~strategies.arrays.StoredArray` views of the shared memory: no copy, and no
+  ``.npy`` bytes unless something asks for them. A record shared for many readers (the
+  global model) is kept by each process that read it for the clients it serves next.
+- :func:`share_arrays` does the same for a client's update, straight from its NumPy
+  arrays (one copy in all, where encoding them first would make two).
 - :class:`SharedModelGrid` shares the ArrayRecords of every message the ServerApp sends,
   and wakes Flower's message feeder (see :func:`install_prompt_feeder`) right after each
   push instead of letting it poll every 0.1 s.
+
+The stored values live as long as a reader holds them (also after the process that put
+them has exited), so the server's view of a round's updates occupies the store until it
+has aggregated them: ``simulate.object_store_mb`` sizes the store for that.
 
 What a ClientApp or a strategy sees is unchanged: the same names, dtypes, shapes and
 bytes. Outside a process connected to Ray (a SuperNode's ClientApp, a deployed ServerApp)
@@ -28,26 +34,27 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
+
+from .arrays import NUMPY_STYPE, StoredArray, arrays_view, to_array_record
 
 __all__ = [
     "SharedArrayRecord",
     "SharedModelGrid",
     "install_prompt_feeder",
     "share",
+    "share_arrays",
     "share_message_arrays",
 ]
-
-_Meta = tuple[tuple[str, str, tuple[int, ...], str], ...]  # (name, dtype, shape, stype)
 
 # Records this process read from the object store, by object id: an actor serves many
 # clients the same global model in turn (a round's evaluate phase and the next round's
 # train phase send the same one), so the latest suffices.
-_READ_CACHE: OrderedDict[bytes, ArrayRecord] = OrderedDict()
+_READ_CACHE: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
 _READ_CACHE_SIZE = 1
 _READ_LOCK = threading.Lock()
 
@@ -60,34 +67,40 @@ def _ray() -> Any:
     return ray if connected is not None and connected() else None
 
 
-def _rebuild(ref: Any, meta: _Meta, many_readers: bool = False) -> ArrayRecord:
-    """Unpickling a :class:`SharedArrayRecord`: its values from the object store."""
+def _record(
+    names: tuple[str, ...], values: list[np.ndarray], record: ArrayRecord | None = None
+) -> ArrayRecord:
+    # New Array objects over the same read-only values for every reader, so that a
+    # ClientApp that changes its message's record cannot change the next client's. Set
+    # one by one: ArrayRecord(dict) would rebuild each as a plain Array, making its bytes.
+    record = ArrayRecord() if record is None else record
+    for name, v in zip(names, values, strict=True):
+        record[name] = StoredArray(v)
+    return record
+
+
+def _rebuild(ref: Any, names: tuple[str, ...], many_readers: bool = False) -> ArrayRecord:
+    """Unpickling a :class:`SharedArrayRecord`: an ordinary ``ArrayRecord`` whose arrays
+    are read-only views of the values in the object store (no copy)."""
     import ray
 
     key = ref.binary()
-    cached = None
+    values = None
     if many_readers:
         with _READ_LOCK:
-            cached = _READ_CACHE.get(key)
-            if cached is not None:
+            values = _READ_CACHE.get(key)
+            if values is not None:
                 _READ_CACHE.move_to_end(key)
-    if cached is None:
-        buffers = ray.get(ref)  # read-only views of the shared memory: copied once here
-        cached = ArrayRecord(
-            {
-                name: Array(dtype, shape, stype, buf.tobytes())
-                for (name, dtype, shape, stype), buf in zip(meta, buffers, strict=True)
-            }
-        )
-        if not many_readers:
-            return cached
-        with _READ_LOCK:
-            _READ_CACHE[key] = cached
-            while len(_READ_CACHE) > _READ_CACHE_SIZE:
-                _READ_CACHE.popitem(last=False)
-    # A record of its own (new Array objects over the same immutable bytes), so that a
-    # ClientApp that changes its message's record cannot change the next client's.
-    return ArrayRecord(dict(cached.items()))
+    if values is None:
+        # Views of the shared memory, which Ray keeps while they live (also after the
+        # putting process has exited).
+        values = ray.get(ref)
+        if many_readers:
+            with _READ_LOCK:
+                _READ_CACHE[key] = values
+                while len(_READ_CACHE) > _READ_CACHE_SIZE:
+                    _READ_CACHE.popitem(last=False)
+    return _record(names, values)
 
 
 def _plain(arrays: dict[str, Array]) -> ArrayRecord:
@@ -98,16 +111,16 @@ class SharedArrayRecord(ArrayRecord):
     """An ``ArrayRecord`` whose values also live in Ray's object store (see :func:`share`).
 
     Pickled (by Ray, for a task argument or result) it is the object's reference and the
-    arrays' names, dtypes, shapes and serialisation types; it unpickles as an ordinary
-    ``ArrayRecord``. Changing an entry drops the shared copy, so the pickled form is never
-    stale.
+    arrays' names; it unpickles as an ordinary ``ArrayRecord`` of
+    :class:`~strategies.arrays.StoredArray` views of the stored values. Changing an entry
+    drops the shared copy, so the pickled form is never stale.
     """
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         ref = self.__dict__.get("_shared_ref")
         if ref is None:
             return _plain, (dict(self.items()),)
-        return _rebuild, (ref, self.__dict__["_shared_meta"], self.__dict__["_many_readers"])
+        return _rebuild, (ref, tuple(self.keys()), self.__dict__["_many_readers"])
 
     def __setitem__(self, key: str, value: Array) -> None:
         self.__dict__["_shared_ref"] = None
@@ -118,21 +131,43 @@ class SharedArrayRecord(ArrayRecord):
         super().__delitem__(key)
 
 
+def _put(ray: Any, names: list[str], values: list[np.ndarray], many_readers: bool) -> ArrayRecord:
+    # ray.put copies the values into the object store once (NumPy buffers out of band);
+    # the record here is read back from there, so it is exactly what readers will see.
+    ref = ray.put(values)
+    shared = _record(tuple(names), ray.get(ref), SharedArrayRecord())
+    shared.__dict__["_many_readers"] = many_readers
+    shared.__dict__["_shared_ref"] = ref
+    return shared
+
+
+def _numeric(values: np.ndarray) -> bool:
+    return isinstance(values, np.ndarray) and not values.dtype.hasobject
+
+
 def share(record: ArrayRecord, *, many_readers: bool = False) -> ArrayRecord:
     """``record`` as a :class:`SharedArrayRecord` (its values put into Ray's object store
     once), or ``record`` itself where that cannot help: no Ray connection in this process,
-    an empty record, or one already shared. ``many_readers``: several messages carry it, so
-    each reading process keeps its copy for the next one."""
+    an empty record, one already shared, or arrays that are not NumPy-serialised.
+    ``many_readers``: several messages carry it, so each reading process keeps its copy for
+    the next one."""
     ray = _ray()
     if ray is None or not record or isinstance(record, SharedArrayRecord):
         return record
-    shared = SharedArrayRecord(dict(record.items()))  # the same Array objects: no copy
-    meta = tuple((n, a.dtype, tuple(a.shape), a.stype) for n, a in record.items())
-    buffers = [np.frombuffer(a.data, np.uint8) for a in record.values()]
-    shared.__dict__["_shared_meta"] = meta
-    shared.__dict__["_many_readers"] = many_readers
-    shared.__dict__["_shared_ref"] = ray.put(buffers)
-    return shared
+    if any(a.stype != NUMPY_STYPE for a in record.values()):
+        return record
+    return _put(ray, list(record.keys()), list(arrays_view(record).values()), many_readers)
+
+
+def share_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    """An ``ArrayRecord`` of ``arrays`` (a client's update), copied once: into Ray's object
+    store where this process is connected to Ray (a simulation actor), else into ``.npy``
+    bytes (:func:`~strategies.arrays.to_array_record`)."""
+    ray = _ray()
+    values = [np.asarray(v) for v in arrays.values()]
+    if ray is None or not values or not all(_numeric(v) for v in values):
+        return to_array_record(arrays)
+    return _put(ray, list(arrays.keys()), values, many_readers=False)
 
 
 def share_message_arrays(

@@ -21,8 +21,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E40
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from strategies import ray_transport  # noqa: E402
-from strategies.arrays import arrays_view, to_array_record  # noqa: E402
-from strategies.ray_transport import SharedArrayRecord, share, share_message_arrays  # noqa: E402
+from strategies.arrays import StoredArray, arrays_view, to_array_record  # noqa: E402
+from strategies.ray_transport import (  # noqa: E402
+    SharedArrayRecord,
+    share_arrays,
+    share_message_arrays,
+)
 
 ARRAYS = {
     "w": np.arange(12 * 1024, dtype=np.float32).reshape(96, 128),
@@ -39,12 +43,27 @@ def digest(record: ArrayRecord) -> dict[str, list]:
 
 @ray.remote(num_cpus=1)
 class Client:
-    def handle(self, msg: Message) -> tuple[str, dict, int, Message]:
+    def __init__(self) -> None:
+        self.reads: list[str] = []  # the objects this actor read from the store
+        get = ray.get
+
+        def counting_get(ref, *args, **kwargs):
+            self.reads.append(ref.hex())
+            return get(ref, *args, **kwargs)
+
+        ray.get = counting_get
+
+    def handle(self, msg: Message) -> tuple[str, dict, bool, Message]:
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 2, 1
         record = msg.content["arrays"]
+        views = all(isinstance(a, StoredArray) and not a.values().flags.writeable
+                    for a in record.values())  # fmt: skip
         update = {k: v * 2 for k, v in arrays_view(record).items()}
-        reply = Message(RecordDict({"arrays": share(to_array_record(update))}), reply_to=msg)
-        return type(record).__name__, digest(record), id(record["w"].data), reply
+        reply = Message(RecordDict({"arrays": share_arrays(update)}), reply_to=msg)
+        return type(record).__name__, digest(record), views, reply
+
+    def reads_of(self, ref_hex: str) -> int:
+        return self.reads.count(ref_hex)
 
 
 def main() -> None:
@@ -66,6 +85,13 @@ def main() -> None:
         shared = sent[0].content["arrays"]
         client = Client.remote()
         seen = [ray.get(client.handle.remote(m)) for m in sent]
+        model_reads = ray.get(client.reads_of.remote(shared.__dict__["_shared_ref"].hex()))
+        reply = seen[0][3].content["arrays"]
+        # The reply's values stay readable after the actor that put them has gone, and
+        # after the store has been filled since.
+        ray.kill(client)
+        filler = [ray.put(np.zeros(4 << 20, np.float32)) for _ in range(6)]
+        del filler
         changed = SharedArrayRecord(dict(record.items()))
         changed["b"] = record["b"]
         out = {
@@ -75,9 +101,12 @@ def main() -> None:
             "actor_types": [s[0] for s in seen],
             "actor_digests": [s[1] for s in seen],
             "expected_digest": digest(record),
-            "actor_read_once": seen[0][2] == seen[1][2],
-            "reply_type": type(seen[0][3].content["arrays"]).__name__,
-            "reply_digest": digest(seen[0][3].content["arrays"]),
+            "actor_views": [s[2] for s in seen],
+            "actor_model_reads": model_reads,
+            "reply_type": type(reply).__name__,
+            "reply_views": all(isinstance(a, StoredArray) for a in reply.values()),
+            "reply_digest": digest(reply),
+            "reply_equal": reply == to_array_record({k: v * 2 for k, v in ARRAYS.items()}),
             # Only the broadcast model is kept by its readers; this process read two
             # replies (single readers) and nothing else.
             "driver_cache_entries": len(ray_transport._READ_CACHE),

@@ -29,10 +29,18 @@ def test_share_without_ray_returns_the_record_itself() -> None:
     assert ray_transport.share(ArrayRecord()) is not None
 
 
+def test_share_arrays_without_ray_encodes_them() -> None:
+    arrays = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(3)}
+    record = ray_transport.share_arrays(arrays)
+    assert type(record) is ArrayRecord
+    assert record == to_array_record(arrays)
+
+
 @pytest.mark.slow
 def test_shared_records_through_a_ray_actor(flower_env) -> None:
-    """One put for both messages; the actor sees ordinary, equal records and reads the
-    shared model once; its shared reply arrives as an ordinary, equal record."""
+    """One put for both messages; the actor sees ordinary, equal records of read-only
+    views and reads the shared model once; its shared reply arrives as an ordinary, equal
+    record, still intact after the actor is gone and the store was filled again."""
     temp = flower_env / "ray" / "transport"
     temp.mkdir(parents=True, exist_ok=True)
     # Its own session, so that Ray's processes are stopped with it whatever happens.
@@ -56,9 +64,12 @@ def test_shared_records_through_a_ray_actor(flower_env) -> None:
     assert out["original_untouched"] == "ArrayRecord"
     assert out["actor_types"] == ["ArrayRecord", "ArrayRecord"]
     assert out["actor_digests"] == [out["expected_digest"]] * 2
-    assert out["actor_read_once"]
+    assert out["actor_views"] == [True, True]  # read-only views of the store: no copy
+    assert out["actor_model_reads"] == 1  # the second message reused the first read
     assert out["reply_type"] == "ArrayRecord"
+    assert out["reply_views"]
     assert out["reply_digest"] == out["expected_reply"]
+    assert out["reply_equal"]
     assert out["driver_cache_entries"] == 0
     assert out["changed_pickles_plain"] == "_plain"
 

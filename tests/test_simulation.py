@@ -15,7 +15,7 @@ import torch
 
 import simulate
 from clients.client_app import app as client_app
-from precode_flower import task
+from precode_flower import data, task
 from precode_flower.processes import session_pids, stop_sessions
 from server import run_federation
 
@@ -119,6 +119,21 @@ def test_same_seed_same_numbers_and_faults_are_absorbed(mode, tmp_path, inproces
     model = torch.load(tmp_path / "run0" / "model.pt", weights_only=True)
     assert all(torch.isfinite(t.float()).all() for t in model.values())
     assert json.loads((tmp_path / "run0" / "config.json").read_text())["mode"] == mode
+
+
+def test_object_store_holds_a_rounds_updates_and_two_models() -> None:
+    cfg = task.RunConfig(model="mlp", clients=10)
+    shape, classes = data.shape_and_classes(cfg.dataset)
+    state = task.build_model(cfg, classes, shape).state_dict()
+    model = sum(t.numel() * t.element_size() for t in state.values())
+    assert task.model_bytes(cfg) == model
+    assert simulate.object_store_mb(cfg) << 20 >= 12 * model
+    many = task.RunConfig(model="mlp", clients=100)
+    assert simulate.object_store_mb(many) << 20 >= 102 * model
+    sampled = task.RunConfig(model="mlp", clients=100, fraction=0.1)
+    assert simulate.object_store_mb(sampled) == simulate.object_store_mb(cfg)
+    small = task.RunConfig(model="convnet", clients=2)  # never below the floor
+    assert simulate.object_store_mb(small) == simulate.DEFAULT_OBJECT_STORE_MB
 
 
 @pytest.mark.slow
