@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,6 @@ from flwr.app import (
     Context,
     Message,
     MessageType,
-    MetricRecord,
     RecordDict,
 )
 from flwr.serverapp import Grid, ServerApp
@@ -74,8 +74,9 @@ from precode_flower.defenses import DEFENSES, parse_defenses
 from precode_flower.models import MODELS
 from precode_flower.partition import SCHEMES
 from precode_flower.plotting import plot_accuracy
-from precode_flower.training import evaluate
+from precode_flower.training import EvalStats, evaluate
 from strategies import FedSGD, Observed, Observer, ReplyValidator, aggregate_metrics
+from strategies.arrays import arrays_view
 from strategies.auditor import add_audit_args, audit_from_run_config, audit_run_config
 
 log = logging.getLogger("precode_flower.server")
@@ -113,9 +114,9 @@ def make_strategy(cfg: task.RunConfig, param_keys: Sequence[str]) -> Strategy:
 class RoundLog:
     """Writes ``rounds.jsonl`` and the per-round progress line, from the central evaluation.
 
-    Flower calls the central evaluation once before training (round 0) and after each
-    round, after client training and evaluation; so at that point the round's record in
-    :attr:`Observed.rounds` is complete.
+    :meth:`on_evaluation` is called with the central evaluation once before training
+    (round 0) and after each round, once client training and evaluation are done; so at
+    that point the round's record in :attr:`Observed.rounds` is complete.
     """
 
     def __init__(
@@ -306,41 +307,48 @@ def train_rounds(
     *,
     first_round: int = 1,
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
-    after_round: Callable[[int, ArrayRecord], None] | None = None,
+    after_round: Callable[[int, ArrayRecord, Any], None] | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round..cfg.rounds`` as Flower's ``Strategy.start`` runs them (train,
-    client evaluation, central evaluation), then ``after_round(round, arrays)``.
+    client evaluation, central evaluation), then ``after_round(round, arrays, result)``
+    with the central evaluation's result (None without ``evaluate_fn``).
 
     Unlike ``start``, it can begin at any round (resume), seeds each round from
     (seed, round), and after the first round samples whichever nodes are online instead of
-    waiting for all ``cfg.clients``: a node that left must not stall the run.
+    waiting for all ``cfg.clients``: a node that left must not stall the run. The central
+    evaluation, ``evaluate_fn(round, arrays)``, runs on a thread of its own while the
+    clients evaluate the same model, and ``after_round`` waits for it (and gets its error).
     Returns the final global arrays.
     """
     train_config = ConfigRecord(cfg.to_config())
     evaluate_config = ConfigRecord(cfg.to_config())
     inner = observed.strategy
-    for server_round in range(first_round, cfg.rounds + 1):
-        s_train, s_eval = _seed_round(cfg.seed, server_round)
-        if isinstance(grid, PartitionOrderedGrid):
-            grid.reseed = s_train
-        messages = observed.configure_train(server_round, arrays, train_config, grid)
-        replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
-        new, _ = observed.aggregate_train(server_round, replies)
-        del replies, messages  # the round's model-sized messages: free them, then trim
-        heap.release_freed_memory()
-        if new is not None:
-            arrays = new
-        if hasattr(inner, "min_available_nodes"):
-            inner.min_available_nodes = 1
-        if isinstance(grid, PartitionOrderedGrid):
-            grid.reseed = s_eval
-        messages = observed.configure_evaluate(server_round, arrays, evaluate_config, grid)
-        replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
-        observed.aggregate_evaluate(server_round, replies)
-        if evaluate_fn is not None:
-            evaluate_fn(server_round, arrays)
-        if after_round is not None:
-            after_round(server_round, arrays)
+    with ThreadPoolExecutor(1, thread_name_prefix="central-evaluation") as central:
+        for server_round in range(first_round, cfg.rounds + 1):
+            s_train, s_eval = _seed_round(cfg.seed, server_round)
+            if isinstance(grid, PartitionOrderedGrid):
+                grid.reseed = s_train
+            messages = observed.configure_train(server_round, arrays, train_config, grid)
+            replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
+            new, _ = observed.aggregate_train(server_round, replies)
+            del replies, messages  # the round's model-sized messages: let them go now
+            heap.release_freed_memory(min_free=heap.TRIM_MIN_FREE)
+            if new is not None:
+                arrays = new
+            if hasattr(inner, "min_available_nodes"):
+                inner.min_available_nodes = 1
+            if isinstance(grid, PartitionOrderedGrid):
+                grid.reseed = s_eval
+            result = None
+            if evaluate_fn is not None:  # beside the clients' evaluation of the same model
+                result = central.submit(evaluate_fn, server_round, arrays)
+            messages = observed.configure_evaluate(server_round, arrays, evaluate_config, grid)
+            replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
+            observed.aggregate_evaluate(server_round, replies)
+            del replies, messages
+            stats = None if result is None else result.result()
+            if after_round is not None:
+                after_round(server_round, arrays, stats)
     return arrays
 
 
@@ -392,15 +400,14 @@ def run_federation(
     if resumed is not None:
         round_log.initial = dict(resumed.initial)
 
-    def central_evaluation(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        task.load_state(model, arrays.to_torch_state_dict())
-        stats = evaluate(model, bundle.test)
-        round_log.on_evaluation(server_round, stats.loss, stats.accuracy)
-        return MetricRecord({"test-loss": stats.loss, "test-accuracy": stats.accuracy})
+    def central_evaluation(server_round: int, arrays: ArrayRecord) -> EvalStats:
+        task.load_state(model, arrays_view(arrays))
+        return evaluate(model, bundle.test)
 
     writer = ckpt_mod.CheckpointWriter(out)
 
-    def checkpoint(server_round: int, arrays: ArrayRecord) -> None:
+    def after_round(server_round: int, arrays: ArrayRecord, stats: EvalStats) -> None:
+        round_log.on_evaluation(server_round, stats.loss, stats.accuracy)
         # Snapshot what the next round changes (the server optimiser's buffers are updated
         # in place, the RNGs advance); the model record itself is replaced, never changed.
         state = copy.deepcopy(strategy.state_dict()) if isinstance(strategy, FedSGD) else {}
@@ -419,7 +426,8 @@ def run_federation(
     started = time.perf_counter()
     try:
         if resumed is None:
-            central_evaluation(0, arrays)
+            stats = central_evaluation(0, arrays)
+            round_log.on_evaluation(0, stats.loss, stats.accuracy)
         strategy.summary()
         arrays = train_rounds(
             observed,
@@ -428,7 +436,7 @@ def run_federation(
             cfg,
             first_round=done + 1,
             evaluate_fn=central_evaluation,
-            after_round=checkpoint,
+            after_round=after_round,
         )
     finally:
         writer.close()  # the last round's checkpoint is on disk before the run returns

@@ -7,17 +7,20 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ArrayRecord
 
 import simulate
 from clients.client_app import app as client_app
 from precode_flower import data, task
 from precode_flower.processes import session_pids, stop_sessions
-from server import run_federation
+from server import make_strategy, make_validator, run_federation, train_rounds
+from strategies import Observed
 
 REPO = Path(__file__).resolve().parents[1]
 ROUND_KEYS = {"round", "clients", "rejected", "failed", "train_loss", "test_accuracy", "seconds"}
@@ -134,6 +137,56 @@ def test_object_store_holds_a_rounds_updates_and_two_models() -> None:
     assert simulate.object_store_mb(sampled) == simulate.object_store_mb(cfg)
     small = task.RunConfig(model="convnet", clients=2)  # never below the floor
     assert simulate.object_store_mb(small) == simulate.DEFAULT_OBJECT_STORE_MB
+
+
+class _EvaluatePhaseSignal:
+    """Wraps a grid; sets ``evaluating`` when an evaluate phase is sent."""
+
+    def __init__(self, grid) -> None:
+        self.grid, self.evaluating = grid, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        if messages and messages[0].metadata.message_type == "evaluate":
+            self.evaluating.set()
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_central_evaluation_runs_beside_the_client_evaluation(inprocess_grid) -> None:
+    cfg = task.RunConfig(clients=2, rounds=2, local_steps=1, batch_size=8)
+    grid = _EvaluatePhaseSignal(inprocess_grid(client_app, 2))
+    bundle = data.load(cfg.dataset, cfg.data_dir or None)
+    model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=0)
+    strategy = make_strategy(cfg, [n for n, _ in model.named_parameters()])
+    observed = Observed(strategy, validator=make_validator(cfg, strategy))
+    seen, done = [], []
+
+    def central(server_round, arrays):
+        # Waits for the clients' evaluation of this round: sequential would time out.
+        overlapped = grid.evaluating.wait(timeout=30)
+        grid.evaluating.clear()
+        return server_round, overlapped, threading.current_thread() is threading.main_thread()
+
+    def after_round(server_round, arrays, result):
+        seen.append(result)
+        done.append(observed.record(server_round).evaluate_clients)
+
+    train_rounds(
+        observed, grid, ArrayRecord(model.state_dict()), cfg,
+        evaluate_fn=central, after_round=after_round,
+    )  # fmt: skip
+    assert seen == [(1, True, False), (2, True, False)]
+    assert done == [2, 2]  # the round's client evaluation was in when after_round ran
+
+    def failing(server_round, arrays):
+        raise RuntimeError("central evaluation failed")
+
+    with pytest.raises(RuntimeError, match="central evaluation failed"):
+        train_rounds(observed, grid, ArrayRecord(model.state_dict()), cfg, evaluate_fn=failing)
 
 
 @pytest.mark.slow
