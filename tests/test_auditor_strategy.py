@@ -160,8 +160,12 @@ def test_simulation_reports_the_analytic_leak(tmp_path: Path, defense: str) -> N
     expected = "with no defense" if defense == "none" else "despite defense precode"
     assert f"LEAK: analytic reconstructed 6/6 audited images (SSIM 1.00) {expected}" in run.stdout
     # The round lines: round 1's result shows on round 1's line, or on round 2's as "leak r1:"
-    # when the attack finished after round 1 ended (a slow machine).
-    assert re.search(r"leak( r1)?: analytic 3/3 ssim 1\.00", run.stdout + run.stderr)
+    # when the attack finished after round 1 ended; if the attacks are slower than both
+    # rounds, the last line says they are pending (and the summary above has the result).
+    rounds = [line for line in run.stdout.splitlines() if line.startswith("round ")]
+    assert re.search(r"leak( r1)?: analytic 3/3 ssim 1\.00", "\n".join(rounds)) or (
+        rounds[-1].endswith("| audit pending: r1, r2")
+    )
     recon = out / "reconstructions"
     assert stat.S_IMODE(recon.stat().st_mode) == 0o700
     private = [*recon.iterdir(), out / "leakage.jsonl"]
