@@ -357,7 +357,9 @@ Data: `{m.source}`.
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=6, help="rounds (the first is excluded)")
+    parser.add_argument(
+        "--rounds", type=int, default=10, help="rounds (the first is excluded; medians of the rest)"
+    )
     parser.add_argument(
         "--client-cpus", type=float, default=1.0, help="CPUs per client actor (simulate.py's)"
     )
@@ -422,19 +424,21 @@ The first simulated round also starts the actors, which import torch and load th
 
 {chr(10).join(section(m, args) for m in results)}
 How to read it: a round sends the 16 MB global model to every client twice (train,
-evaluate) and gets {args.clients} updates back. In the simulation the model crosses Ray's
-object store once per round, each actor copies it out once for the clients it serves, and
-each update crosses once (`strategies/ray_transport.py`); before that every message was
-pickled and copied on its own, about 25 ms per model-sized message on this machine.
+evaluate) and gets {args.clients} updates back. In the simulation the model is put into Ray's
+object store once per round and the actors read it there in place; each update is copied
+into the store once, straight from the trained weights, and the server checks and
+aggregates it in place (`strategies/ray_transport.py`). The server's central evaluation
+runs while the clients evaluate.
 What remains, {per_message * 1e3:.0f} ms per model-sized message here ((simulated - faster plain) /
 {3 * args.clients}, first data source), is per-client work that the plain loop does not do:
-Ray task dispatch, decoding each update into Flower's ArrayRecord and encoding it back,
-Flower's FedAvg aggregation, which decodes every update again, the reply checks, and the
-driver's share of the 2 cores while the actors train. It is a fixed cost per client, so
-the ratio depends on how much work a client does per round: it dominates a local epoch on
-200 examples and is small next to one on 1,000. Memory: each process that imports torch
-(this CUDA build, torch {torch.__version__}) holds {torch_bytes / 1024**3:.2f} GiB of private
-memory after `import torch` alone, and each holds its own decoded copy of the data;
+Ray task dispatch and Flower's message handling, copying each update into the store,
+Flower's FedAvg aggregation (which copies every update once more), the reply checks (every
+value must be finite), and the driver's share of the 2 cores while the actors train. It is
+a fixed cost per client, so the ratio depends on how much work a client does per round: it
+weighs on a local epoch over 200 examples and is small next to one over 1,000. Memory: each
+process that imports torch (this CUDA build, torch {torch.__version__}) holds
+{torch_bytes / 1024**3:.2f} GiB of private memory after `import torch` alone; a client actor
+keeps the dataset's uint8 images and normalises only the rows of the client it serves;
 `--client-cpus 2` (one actor) saves an actor's share at the cost of parallel clients, and a
 CPU-only torch wheel shrinks every process.
 """
