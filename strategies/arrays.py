@@ -32,9 +32,9 @@ class StoredArray(Array):
     It is an ordinary ``Array`` to everything that uses one: ``data`` is the ``.npy`` bytes
     (made, once, when first read), ``numpy()`` returns a writable copy, equality compares
     the fields, and it pickles, copies and deflates (Flower's wire form) as a plain
-    ``Array``. What it saves is the
-    bytes: a reader that wants only the values (:func:`array_view`, ``numpy()``) copies
-    them at most once. Setting a field makes it a plain ``Array`` from then on.
+    ``Array``. What it saves is the bytes: a reader that wants only the values
+    (:func:`array_view`, ``numpy()``) copies them at most once. Setting a field makes it a
+    plain ``Array`` from then on.
     """
 
     def __init__(self, values: np.ndarray) -> None:

@@ -141,10 +141,6 @@ def _put(ray: Any, names: list[str], values: list[np.ndarray], many_readers: boo
     return shared
 
 
-def _numeric(values: np.ndarray) -> bool:
-    return isinstance(values, np.ndarray) and not values.dtype.hasobject
-
-
 def share(record: ArrayRecord, *, many_readers: bool = False) -> ArrayRecord:
     """``record`` as a :class:`SharedArrayRecord` (its values put into Ray's object store
     once), or ``record`` itself where that cannot help: no Ray connection in this process,
@@ -165,7 +161,7 @@ def share_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     bytes (:func:`~strategies.arrays.to_array_record`)."""
     ray = _ray()
     values = [np.asarray(v) for v in arrays.values()]
-    if ray is None or not values or not all(_numeric(v) for v in values):
+    if ray is None or not values or any(v.dtype.hasobject for v in values):
         return to_array_record(arrays)
     return _put(ray, list(arrays.keys()), values, many_readers=False)
 
