@@ -29,8 +29,10 @@ its own instance and for loopback ``--ray-address``; a multi-machine cluster nee
 
 Messages: the ServerApp's grid is wrapped in
 :class:`~strategies.ray_transport.SharedModelGrid` (the global model crosses Ray's object
-store once per round, not once per message) and Flower's simulation feeder is woken after
-each push (:func:`~strategies.ray_transport.install_prompt_feeder`).
+store once per round, not once per message), Flower's simulation feeder is woken after
+each push (:func:`~strategies.ray_transport.install_prompt_feeder`), and each actor has its
+next client's task queued while it runs one
+(:func:`~strategies.ray_transport.install_pipelined_actor_pool`).
 
 Data: by default (CIFAR-10, no ``--data-dir``) the small CIFAR-10 embedded in the package
 (2,000 train / 500 test images), which keeps the default run well under a minute and a
@@ -251,9 +253,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from clients.client_app import app as client_app
     from server import make_server_app
-    from strategies.ray_transport import SharedModelGrid, install_prompt_feeder
+    from strategies.ray_transport import (
+        SharedModelGrid,
+        install_pipelined_actor_pool,
+        install_prompt_feeder,
+    )
 
     install_prompt_feeder()  # clients start right after each push, not within 0.1 s
+    install_pipelined_actor_pool()  # the next client's task waits in the actor, not here
 
     own_tmp = temp_dir = None
     if args.ray_address is None:

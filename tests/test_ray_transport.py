@@ -1,4 +1,5 @@
-"""Shared ArrayRecords, the shared-model grid and the prompt feeder (strategies/ray_transport)."""
+"""Shared ArrayRecords, the shared-model grid, the prompt feeder and the pipelined actor pool
+(strategies/ray_transport)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -197,3 +199,78 @@ def test_install_prompt_feeder_replaces_flowers_feeder(monkeypatch) -> None:
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     assert ray_transport.install_prompt_feeder()
     assert vce_api.add_messages_to_queue is ray_transport._prompt_feeder
+
+
+class _FakeActor:
+    """Stands in for a Ray actor handle: counts its tasks and terminations."""
+
+    def __init__(self) -> None:
+        self.tasks: list[str] = []
+        self.terminated = 0
+        self.terminate = SimpleNamespace(remote=self._terminate)
+
+    def _terminate(self) -> None:
+        self.terminated += 1
+
+
+def _pipelined_pool(monkeypatch, actors: int):  # noqa: ANN202
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    monkeypatch.setattr(raybackend, "BasicActorPool", BasicActorPool)
+    assert ray_transport.install_pipelined_actor_pool()
+    cls = raybackend.BasicActorPool
+    assert cls is not BasicActorPool and issubclass(cls, BasicActorPool)
+    assert ray_transport.install_pipelined_actor_pool() and raybackend.BasicActorPool is cls
+    # Flower's __init__ asks a running Ray for the pool size; set what it would.
+    pool = cls.__new__(cls)
+    pool.__dict__.update(
+        _lock=threading.Lock(), pool=[], num_actors=0, _future_to_actor={},
+        create_actor_fn=_FakeActor, client_resources={"num_cpus": 1}, actors_capacity=actors,
+    )  # fmt: skip
+    pool.add_actors_to_pool(actors)
+    return pool
+
+
+def _run_on(actor: _FakeActor, app_fn, msg: str, cid: str, context) -> object:  # noqa: ANN001
+    actor.tasks.append(msg)
+    return object()  # the task's future
+
+
+def test_pipelined_pool_queues_two_tasks_per_actor_on_the_least_busy(monkeypatch) -> None:
+    pool = _pipelined_pool(monkeypatch, actors=2)
+    assert pool.num_actors == 2 * ray_transport.ACTOR_QUEUE_DEPTH == len(pool.pool)
+    a, b = {id(x): x for x in pool.pool}.values()
+    first = pool.submit(_run_on, (None, "m1", "0", None))
+    pool.submit(_run_on, (None, "m2", "1", None))
+    assert (len(a.tasks), len(b.tasks)) == (1, 1)  # two clients: both actors, not one twice
+    pool.submit(_run_on, (None, "m3", "2", None))
+    pool.submit(_run_on, (None, "m4", "3", None))
+    assert (len(a.tasks), len(b.tasks)) == (2, 2) and not pool.is_actor_available()
+    done = pool._future_to_actor[first]
+    pool.add_actor_back_to_pool(first)  # its actor now has one in flight, the other two
+    pool.submit(_run_on, (None, "m5", "4", None))
+    assert done.tasks[-1] == "m5"
+    pool.terminate_all_actors()
+    assert (a.terminated, b.terminated) == (1, 1)
+
+
+def test_pipelined_pool_keeps_its_slots_under_concurrent_workers(monkeypatch) -> None:
+    pool = _pipelined_pool(monkeypatch, actors=2)
+    errors: list[BaseException] = []
+
+    def worker() -> None:  # as Flower's worker threads: submit, fetch, give back
+        try:
+            for i in range(500):
+                pool.add_actor_back_to_pool(pool.submit(_run_on, (None, f"m{i}", "0", None)))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(pool.num_actors)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not pool._future_to_actor
+    assert sorted(Counter(map(id, pool.pool)).values()) == [2, 2]  # every slot is back
+    assert sum(len(x.tasks) for x in {id(x): x for x in pool.pool}.values()) == 4 * 500
