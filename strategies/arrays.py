@@ -17,20 +17,41 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 NUMPY_STYPE = "numpy.ndarray"  # flwr.app.message.array.SType.NUMPY
 _FIELDS = ("dtype", "shape", "stype", "data")
+_LENT = threading.local()
+
+
+@contextmanager
+def lend_values() -> Iterator[None]:
+    """Within this block, on this thread, :meth:`StoredArray.numpy` returns the read-only
+    values themselves instead of a writable copy.
+
+    For code known only to read what ``numpy()`` returns, such as Flower's FedAvg
+    aggregation (``value.numpy() * weight``), where copying every update is pure cost. A
+    NumPy write into a lent array raises ``ValueError``.
+    """
+    before = getattr(_LENT, "on", False)
+    _LENT.on = True
+    try:
+        yield
+    finally:
+        _LENT.on = before
 
 
 class StoredArray(Array):
     """An ``Array`` of read-only NumPy ``values`` whose ``.npy`` bytes are made on demand.
 
     It is an ordinary ``Array`` to everything that uses one: ``data`` is the ``.npy`` bytes
-    (made, once, when first read), ``numpy()`` returns a writable copy, equality compares
+    (made, once, when first read), ``numpy()`` returns a writable copy (the values
+    themselves inside :func:`lend_values`), equality compares
     the fields, and it pickles, copies and deflates (Flower's wire form) as a plain
     ``Array``. What it saves is the bytes: a reader that wants only the values
     (:func:`array_view`, ``numpy()``) copies them at most once. Setting a field makes it a
@@ -69,7 +90,9 @@ class StoredArray(Array):
 
     def numpy(self) -> np.ndarray:
         values = self.values()
-        return super().numpy() if values is None else values.copy()
+        if values is None:
+            return super().numpy()
+        return values if getattr(_LENT, "on", False) else values.copy()
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Array):

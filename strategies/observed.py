@@ -29,18 +29,23 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
-from .arrays import array_view, arrays_view
+from .arrays import array_view, arrays_view, lend_values
 from .validation import ReplyValidator
 
 log = logging.getLogger(__name__)
+
+#: Strategy classes whose ``aggregate_train`` only reads the reply arrays' ``numpy()``
+#: values; they get them without a copy (:func:`~strategies.arrays.lend_values`).
+READS_REPLY_ARRAYS_ONLY: frozenset[type] = frozenset({FedAvg})
 
 __all__ = ["ClientReply", "Observed", "Observer", "RoundContext", "RoundRecord"]
 
@@ -275,7 +280,11 @@ class Observed(Strategy):
                 rec,
                 f"only {len(valid)} valid replies, at least {self.validator.min_replies} needed",
             ), None
-        arrays, metrics = self.strategy.aggregate_train(server_round, [m for m, _ in valid])
+        # Flower's FedAvg only reads the replies' arrays: lend it the stored values rather
+        # than a copy of every update (a subclass may do otherwise, so the exact class).
+        lend = lend_values() if type(self.strategy) in READS_REPLY_ARRAYS_ONLY else nullcontext()
+        with lend:
+            arrays, metrics = self.strategy.aggregate_train(server_round, [m for m, _ in valid])
         rec.train_metrics = dict(metrics) if metrics is not None else None
         if arrays is None:
             self._skip(rec, "the strategy produced no new model")

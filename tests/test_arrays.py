@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import threading
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from strategies.arrays import (
     StoredArray,
     array_view,
     arrays_view,
+    lend_values,
     serialised_size,
     to_array,
     to_array_record,
@@ -106,6 +108,29 @@ def test_stored_array_views_its_values_and_nobody_can_change_them() -> None:
     copied[0] = 99
     assert array_view(stored)[0] == 0
     assert values.flags.writeable  # the caller's array itself is left as it was
+
+
+def test_lent_values_are_the_stored_ones_only_inside_the_block_and_thread() -> None:
+    values = np.arange(6, dtype=np.float32)
+    stored = StoredArray(values)
+    seen: list[np.ndarray] = []
+    with lend_values():
+        lent = stored.numpy()
+        other = threading.Thread(target=lambda: seen.append(stored.numpy()))
+        other.start()
+        other.join()
+        with lend_values():  # nested: still lent after the inner block ends
+            pass
+        assert stored.numpy() is lent
+    assert np.shares_memory(lent, values) and not lent.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        lent[0] = 99
+    assert not np.shares_memory(seen[0], values)  # another thread got its own copy
+    after = stored.numpy()
+    assert after.flags.writeable and not np.shares_memory(after, values)
+    plain = Array(values)
+    with lend_values():  # an ordinary Array decodes its bytes as ever
+        assert plain.numpy().flags.writeable
 
 
 def test_setting_a_field_makes_a_stored_array_plain() -> None:

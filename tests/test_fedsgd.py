@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from clients.client_app import app as client_app
 from precode_flower import task
 from strategies import FedSGD, Observed, ReplyValidator, RoundContext
+from strategies.arrays import StoredArray
 from strategies.validation import min_replies, norm_bound
 
 W = np.arange(6, dtype=np.float32).reshape(2, 3)
@@ -380,3 +381,65 @@ def test_full_fedsgd_run_in_process_with_the_real_client_app(inprocess_grid) -> 
     final = result.arrays.to_torch_state_dict()
     assert all(torch.isfinite(t).all() for t in final.values())
     assert any(not torch.equal(final[k], v) for k, v in model.state_dict().items())
+
+
+def _stored_reply(request: Message, arrays: dict[str, np.ndarray], metrics: dict) -> Message:
+    msg = _reply(request, None, metrics)
+    record = ArrayRecord()
+    for k, v in arrays.items():  # as a simulation reply arrives: views of stored values
+        record[k] = StoredArray(v)
+    msg.content["arrays"] = record
+    return msg
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_flowers_fedavg_reads_stored_replies_without_copies(monkeypatch) -> None:
+    from flwr.serverapp.strategy import fedavg
+
+    lent: list[bool] = []
+    flowers = fedavg.aggregate_arrayrecords
+
+    def spy(records, key):
+        lent.extend(not a.numpy().flags.writeable for r in records for a in r["arrays"].values())
+        return flowers(records, key)
+
+    monkeypatch.setattr(fedavg, "aggregate_arrayrecords", spy)
+    updates = {i: {**_grads(i), "steps": STEPS.copy()} for i in (11, 12, 13)}
+    n = {11: 10, 12: 30, 13: 60}
+
+    def run(strategy, stored: bool):
+        make = _stored_reply if stored else _reply
+        return _round(
+            strategy, 1, _global(), lambda node, msg: make(msg, updates[node], _metrics(n[node], 0))
+        )[0]
+
+    ours = run(Observed(FedAvg(min_available_nodes=3)), stored=True)
+    assert lent and all(lent)
+    lent.clear()
+    theirs = run(FedAvg(min_available_nodes=3), stored=False)
+    assert lent and not any(lent)
+    for k in ("w", "b"):
+        np.testing.assert_array_equal(ours[k].numpy(), theirs[k].numpy())
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_strategy_that_may_write_into_replies_gets_copies() -> None:
+    class Scribbler(FedAvg):  # writes into what numpy() returns, as it may
+        def aggregate_train(self, server_round, replies):
+            replies = list(replies)
+            for m in replies:
+                for a in m.content["arrays"].values():
+                    a.numpy()[...] = 0
+            return super().aggregate_train(server_round, replies)
+
+    values = {**_grads(1), "steps": STEPS.copy()}
+    before = {k: v.copy() for k, v in values.items()}
+    arrays, _ = _round(
+        Observed(Scribbler(min_available_nodes=1, min_train_nodes=1)),
+        1,
+        _global(),
+        lambda node, msg: _stored_reply(msg, values, _metrics(4, 0)),
+    )
+    for k in ("w", "b"):  # the mean of three equal updates: nothing was zeroed
+        np.testing.assert_allclose(arrays[k].numpy(), before[k], rtol=1e-6)
+        np.testing.assert_array_equal(values[k], before[k])
