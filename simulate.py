@@ -30,7 +30,8 @@ its own instance and for loopback ``--ray-address``; a multi-machine cluster nee
 Messages: the ServerApp's grid is wrapped in
 :class:`~strategies.ray_transport.SharedModelGrid` (the global model crosses Ray's object
 store once per round, not once per message), Flower's simulation feeder is woken after
-each push (:func:`~strategies.ray_transport.install_prompt_feeder`), and each actor has its
+each push (:func:`~strategies.ray_transport.install_prompt_feeder`), the server is woken by
+each reply (:func:`~strategies.ray_transport.install_reply_wakeup`), and each actor has its
 next client's task queued while it runs one
 (:func:`~strategies.ray_transport.install_pipelined_actor_pool`).
 
@@ -257,9 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         SharedModelGrid,
         install_pipelined_actor_pool,
         install_prompt_feeder,
+        install_reply_wakeup,
     )
 
     install_prompt_feeder()  # clients start right after each push, not within 0.1 s
+    install_reply_wakeup()  # the server waits for replies instead of polling for them
     install_pipelined_actor_pool()  # the next client's task waits in the actor, not here
 
     own_tmp = temp_dir = None

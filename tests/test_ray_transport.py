@@ -201,6 +201,51 @@ def test_install_prompt_feeder_replaces_flowers_feeder(monkeypatch) -> None:
     assert vce_api.add_messages_to_queue is ray_transport._prompt_feeder
 
 
+def test_prompt_injector_stores_each_reply_and_wakes_the_grid() -> None:
+    stored: list[str] = []
+    state = SimpleNamespace(store_message_res=stored.append)
+    replies, stop = queue.Queue(), threading.Event()
+    ray_transport._REPLIED.clear()
+    injector = threading.Thread(
+        target=ray_transport._prompt_injector, args=(state, replies, stop), daemon=True
+    )
+    injector.start()
+    try:
+        replies.put("r1")
+        assert ray_transport._REPLIED.wait(10) and stored == ["r1"]
+    finally:
+        stop.set()
+        injector.join(timeout=10)
+    assert not injector.is_alive()
+
+
+def test_grid_woken_by_replies_does_not_poll(monkeypatch) -> None:
+    monkeypatch.setattr(ray_transport, "_REPLY_WAKEUP", True)
+    monkeypatch.setattr(ray_transport, "_REPLY_TIMEOUT", 30.0)  # only a wake-up can be fast
+    inner = _FakeGrid(delay=0.05)
+    pulls = []
+    pull = inner.pull_messages
+    inner.pull_messages = lambda ids: pulls.append(1) or pull(ids)
+    grid = ray_transport.SharedModelGrid(inner)
+    grid.pull_interval = 0.001  # ignored while replies wake the grid
+    wake = threading.Timer(0.2, ray_transport._REPLIED.set)  # as the injector, once stored
+    wake.start()
+    started = time.monotonic()
+    replies = list(grid.send_and_receive(_messages(2, to_array_record({"w": np.ones(2)}))))
+    assert len(replies) == 2 and time.monotonic() - started < 10
+    assert len(pulls) <= 3  # one before the wake-up (maybe one more if it came early), one after
+
+
+def test_install_reply_wakeup_replaces_flowers_injector(monkeypatch) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
+    monkeypatch.setattr(ray_transport, "_REPLY_WAKEUP", False)
+    assert ray_transport.install_reply_wakeup()
+    assert vce_api.put_message_into_state is ray_transport._prompt_injector
+    assert ray_transport._REPLY_WAKEUP
+
+
 class _FakeActor:
     """Stands in for a Ray actor handle: counts its tasks and terminations."""
 
