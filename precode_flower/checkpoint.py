@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import random
+import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -156,8 +157,22 @@ def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     return path
 
 
+def _lower_thread_priority(nice: int = 19) -> None:
+    """Give the calling thread the lowest CPU priority where the OS allows it per thread
+    (Linux, where a thread is a task with its own nice value); elsewhere leave it."""
+    if sys.platform.startswith("linux"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:  # a sandbox may forbid it: the writer then runs at normal priority
+            pass
+
+
 class CheckpointWriter:
     """Saves checkpoints on a background thread, so that a round need not wait for the disk.
+
+    The thread runs at the lowest CPU priority (Linux): a save (hashing, serialising and
+    syncing the model, ~30 ms of CPU for 16 MB) then uses cores the training leaves idle
+    instead of slowing the next round's clients on a small machine.
 
     :meth:`submit` takes a function that builds the :class:`Checkpoint` on the writer thread
     (so it must only read state that no longer changes: snapshot the rest before). A newer
@@ -191,6 +206,7 @@ class CheckpointWriter:
         self._thread.join()
 
     def _run(self) -> None:
+        _lower_thread_priority()  # durability work must not take the cores from training
         while True:
             with self._wake:
                 while self._pending is None and not self._closed:

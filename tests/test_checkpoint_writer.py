@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections import OrderedDict
 
@@ -63,3 +65,19 @@ def test_a_failed_save_is_logged_and_later_ones_still_happen(tmp_path, caplog) -
         writer.close()
     assert "could not save the checkpoint" in caplog.text and "disk full" in caplog.text
     assert load_checkpoint(tmp_path).round == 2
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_the_writer_thread_runs_at_the_lowest_priority_and_the_caller_does_not(tmp_path) -> None:
+    writer = CheckpointWriter(tmp_path)
+    seen: list[int] = []
+    writer.submit(lambda: seen.append(_nice(threading.get_native_id())) or _ckpt(1))
+    writer.close()
+    assert seen == [19]
+    assert _nice(threading.get_native_id()) == os.getpriority(os.PRIO_PROCESS, 0) < 19
+
+
+def _nice(tid: int) -> int:
+    with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2 :].split()[16])  # field 19: nice
