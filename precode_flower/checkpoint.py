@@ -117,12 +117,21 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
         torch.set_rng_state(state["torch"])
 
 
+def _own_tensor(t: Tensor) -> Tensor:
+    """``t`` on the CPU, copied only where it is a view into a larger storage (torch.save
+    would write all of that storage) or not contiguous."""
+    t = t.detach().cpu()
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.nbytes:
+        return t
+    return t.clone()
+
+
 def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``run_dir/checkpoint.pt`` atomically; return the path."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CHECKPOINT_NAME
-    model = OrderedDict((k, v.detach().cpu().clone()) for k, v in ckpt.model.items())
+    model = OrderedDict((k, _own_tensor(v)) for k, v in ckpt.model.items())
     payload = {
         "format": _FORMAT,
         "version": _VERSION,

@@ -11,7 +11,12 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from precode_flower.checkpoint import Checkpoint, CheckpointWriter, load_checkpoint
+from precode_flower.checkpoint import (
+    Checkpoint,
+    CheckpointWriter,
+    load_checkpoint,
+    save_checkpoint,
+)
 
 
 def _ckpt(round_: int) -> Checkpoint:
@@ -81,3 +86,13 @@ def _nice(tid: int) -> int:
     with open(f"/proc/self/task/{tid}/stat", "rb") as f:
         stat = f.read()
     return int(stat[stat.rindex(b")") + 2 :].split()[16])  # field 19: nice
+
+
+def test_a_view_is_saved_as_its_own_values_not_its_whole_storage(tmp_path) -> None:
+    big = torch.arange(1_000_000, dtype=torch.float32)
+    model = OrderedDict(w=big[10:22].view(4, 3), b=torch.zeros(3), t=big[:6].view(3, 2).t())
+    save_checkpoint(tmp_path, Checkpoint(round=1, config={"rounds": 9}, model=model))
+    assert (tmp_path / "checkpoint.pt").stat().st_size < 100_000  # not the 4 MB storage
+    loaded = load_checkpoint(tmp_path).model
+    for k, v in model.items():
+        assert torch.equal(loaded[k], v)
