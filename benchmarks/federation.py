@@ -13,14 +13,15 @@ epoch), with ``--clients`` clients, for each ``--data-source`` (default: the emb
    as cores with one torch thread each (the actors' resources, without their processes),
    once one client at a time with torch on every core.
 
-4. Memory: a second, shorter simulation (3 rounds), sampled from /proc every 0.2 s.
+4. Memory: a second, shorter simulation (3 rounds), ``python simulate.py`` in a child
+   process, sampled from /proc every 0.2 s.
 
 The overhead ratio is the simulated round's time over the faster plain loop's, medians of
 the rounds after the first (the first also starts the actors and loads each actor's data).
-Peak memory is the largest sum, over this process and all its descendants (Ray's GCS,
-raylet, workers), of the resident set size and of the proportional set size (PSS, which
-splits shared pages among the processes sharing them). It is measured in a run of its
-own because sampling it slows the simulation it samples.
+Peak memory is the largest sum, over the memory run's ``simulate.py`` process and all its
+descendants (Ray's GCS, raylet, workers), of the resident set size and of the proportional
+set size (PSS, which splits shared pages among the processes sharing them). It is measured
+in a run of its own because sampling it slows the simulation it samples.
 
     python benchmarks/federation.py                 # writes docs/BENCHMARKS.md
     python benchmarks/federation.py --clients 4 --rounds 3 --data-source embedded --no-write
@@ -106,9 +107,9 @@ def _rss_pss(pid: int) -> tuple[int, int]:
         return 0, 0
 
 
-def _role(pid: int) -> str:
-    if pid == os.getpid():
-        return "driver (ServerApp, this process)"
+def _role(pid: int, root: int) -> str:
+    if pid == root:
+        return "driver (simulate.py: ServerApp)"
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
@@ -120,13 +121,15 @@ def _role(pid: int) -> str:
 
 
 class TreeMemory:
-    """Samples the RSS and PSS sums of this process tree in a background thread.
+    """Samples the RSS and PSS sums of the process tree under ``root`` in a background
+    thread.
 
     Also keeps, per role (driver, client actors, Ray's own processes), the PSS at the
     moment of the overall PSS peak.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, root: int, interval: float = 0.2) -> None:
+        self.root = root
         self.interval = interval
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
@@ -136,7 +139,7 @@ class TreeMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            pids = tree(os.getpid())
+            pids = tree(self.root)
             sizes = {p: _rss_pss(p) for p in pids}
             pss = sum(v for _, v in sizes.values())
             self.peak_rss = max(self.peak_rss, sum(r for r, _ in sizes.values()))
@@ -145,7 +148,8 @@ class TreeMemory:
                 self.peak_pss = pss
                 roles: dict[str, int] = {}
                 for p, (_, v) in sizes.items():
-                    roles[_role(p)] = roles.get(_role(p), 0) + v
+                    role = _role(p, self.root)
+                    roles[role] = roles.get(role, 0) + v
                 self.peak_roles = roles
             self._stop.wait(self.interval)
 
@@ -206,6 +210,37 @@ def simulated_rounds(
         raise RuntimeError(f"simulate.py failed with exit status {code}")
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
     return [float(r["seconds"]) for r in rows]
+
+
+def simulated_memory(
+    clients: int, rounds: int, out: Path, temp_dir: str, client_cpus: float, data_source: str
+) -> TreeMemory:
+    """Peak memory of ``python simulate.py`` (with its defaults and ``--data-source``) and
+    everything it starts, run as a child process."""
+    cmd = [
+        sys.executable, str(REPO / "simulate.py"), "--no-progress",
+        "--clients", str(clients),
+        "--rounds", str(rounds),
+        "--out", str(out),
+        "--ray-temp-dir", temp_dir,
+        "--client-cpus", str(client_cpus),
+        "--data-source", data_source,
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        with TreeMemory(proc.pid) as memory:
+            output, _ = proc.communicate()
+    finally:
+        if proc.poll() is None:  # interrupted: stop what we started
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"simulate.py failed with exit status {proc.returncode}:\n{output[-3000:]}"
+        )
+    return memory
 
 
 def plain_rounds(cfg: task.RunConfig, rounds: int, workers: int, threads: int) -> list[float]:
@@ -277,7 +312,8 @@ def measure(args: argparse.Namespace, data_source: str, tmp: Path) -> Measuremen
 
     Memory is sampled in a run of its own: reading ``smaps_rollup`` walks each process's
     page tables under its memory lock, which slowed the timed simulation (and not the
-    plain loop) by up to a fifth.
+    plain loop) by up to a fifth. That run is ``python simulate.py`` in a child process,
+    the tree a user starts, without this process's data and plain-loop heap.
     """
     sim = simulated_rounds(
         args.clients, args.rounds, tmp / "run", str(tmp / "ray"), args.client_cpus, data_source
@@ -289,15 +325,14 @@ def measure(args: argparse.Namespace, data_source: str, tmp: Path) -> Measuremen
     plain = plain_rounds(cfg, args.rounds, workers=workers, threads=int(args.client_cpus))
     sequential = plain_rounds(cfg, args.rounds, workers=1, threads=os.cpu_count() or 1)
     torch.set_num_threads(os.cpu_count() or 1)
-    with TreeMemory() as memory:
-        simulated_rounds(
-            args.clients,
-            min(args.rounds, MEMORY_ROUNDS),
-            tmp / "memory-run",
-            str(tmp / "ray-memory"),
-            args.client_cpus,
-            data_source,
-        )
+    memory = simulated_memory(
+        args.clients,
+        min(args.rounds, MEMORY_ROUNDS),
+        tmp / "memory-run",
+        str(tmp / "ray-memory"),
+        args.client_cpus,
+        data_source,
+    )
     return Measurement(
         data_source,
         bundle.source,
@@ -347,8 +382,9 @@ Data: `{m.source}`.
 - Overhead ratio after the first round (medians of rounds 2..{args.rounds}, against the
   faster plain loop): **{ratio:.2f}** ({sim_steady:.2f} s vs {plain_steady:.2f} s); target
   <= 1.3: {verdict(ratio <= 1.3)}.
-- Peak memory of the process tree (up to {m.procs} processes): **{m.peak_pss / gib:.2f} GiB
-  PSS** ({m.peak_pss / 1e9:.2f} GB; {m.peak_rss / gib:.2f} GiB summed RSS); target 3 GiB:
+- Peak memory of `simulate.py`'s process tree (up to {m.procs} processes):
+  **{m.peak_pss / gib:.2f} GiB PSS** ({m.peak_pss / 1e9:.2f} GB; {m.peak_rss / gib:.2f} GiB
+  summed RSS); target 3 GiB:
   {verdict(m.peak_pss <= 3 * gib)}; 3 GB (10^9 bytes): {verdict(m.peak_pss <= 3e9)}.
   At the peak: {breakdown}.
 """
@@ -427,13 +463,16 @@ How to read it: a round sends the 16 MB global model to every client twice (trai
 evaluate) and gets {args.clients} updates back. In the simulation the model is put into Ray's
 object store once per round and the actors read it there in place; each update is copied
 into the store once, straight from the trained weights, and the server checks and
-aggregates it in place (`strategies/ray_transport.py`). The server's central evaluation
-runs while the clients evaluate.
+aggregates it in place, Flower's FedAvg included (`strategies/ray_transport.py`,
+`strategies/arrays.py`). Each actor has its next client's task queued while it runs one,
+the server sleeps until a reply arrives instead of polling, the checkpoint writer runs at
+the lowest CPU priority, and the server's central evaluation runs while the clients
+evaluate.
 What remains, {per_message * 1e3:.0f} ms per model-sized message here ((simulated - faster plain) /
 {3 * args.clients}, first data source), is per-client work that the plain loop does not do:
-Ray task dispatch and Flower's message handling, copying each update into the store,
-Flower's FedAvg aggregation (which copies every update once more), the reply checks (every
-value must be finite), and the driver's share of the 2 cores while the actors train. It is
+Ray task handling and Flower's message handling, copying each update into the store (the
+actor waits on Ray's raylet for it), the reply checks (every value must be finite), the
+checkpoint, and the driver's and Ray's share of the 2 cores while the actors train. It is
 a fixed cost per client, so the ratio depends on how much work a client does per round: it
 weighs on a local epoch over 200 examples and is small next to one over 1,000. Memory: each
 process that imports torch (this CUDA build, torch {torch.__version__}) holds
