@@ -191,21 +191,26 @@ def ray_startup(temp_dir: str) -> float:
     return elapsed
 
 
+def _simulate_args(
+    clients: int, rounds: int, out: Path, temp_dir: str, client_cpus: float, data_source: str
+) -> list[str]:
+    """``simulate.py``'s flags for a benchmark run: its defaults but for these."""
+    return [
+        "--clients", str(clients),
+        "--rounds", str(rounds),
+        "--out", str(out),
+        "--ray-temp-dir", temp_dir,
+        "--client-cpus", str(client_cpus),
+        "--data-source", data_source,
+        "--no-progress",
+    ]  # fmt: skip
+
+
 def simulated_rounds(
     clients: int, rounds: int, out: Path, temp_dir: str, client_cpus: float, data_source: str
 ) -> list[float]:
     """Per-round seconds of ``simulate.py`` with its defaults (and ``--data-source``)."""
-    code = simulate.main(
-        [
-            "--clients", str(clients),
-            "--rounds", str(rounds),
-            "--out", str(out),
-            "--ray-temp-dir", temp_dir,
-            "--client-cpus", str(client_cpus),
-            "--data-source", data_source,
-            "--no-progress",
-        ]
-    )  # fmt: skip
+    code = simulate.main(_simulate_args(clients, rounds, out, temp_dir, client_cpus, data_source))
     if code != 0:
         raise RuntimeError(f"simulate.py failed with exit status {code}")
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -218,14 +223,10 @@ def simulated_memory(
     """Peak memory of ``python simulate.py`` (with its defaults and ``--data-source``) and
     everything it starts, run as a child process."""
     cmd = [
-        sys.executable, str(REPO / "simulate.py"), "--no-progress",
-        "--clients", str(clients),
-        "--rounds", str(rounds),
-        "--out", str(out),
-        "--ray-temp-dir", temp_dir,
-        "--client-cpus", str(client_cpus),
-        "--data-source", data_source,
-    ]  # fmt: skip
+        sys.executable,
+        str(REPO / "simulate.py"),
+        *_simulate_args(clients, rounds, out, temp_dir, client_cpus, data_source),
+    ]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

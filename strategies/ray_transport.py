@@ -228,6 +228,19 @@ def _prompt_feeder(state: Any, queue: Any, nodes_mapping: Any, f_stop: threading
             _PUSHED.wait(_FEEDER_TIMEOUT)
 
 
+def _replace_in_vce_api(name: str, replacement: Any) -> bool:
+    """Set function ``name`` of Flower's simulation engine (``vce_api``, looked up when the
+    engine starts) to ``replacement``; False, changing nothing, where it is gone."""
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+    except ImportError:
+        return False
+    if not callable(getattr(vce_api, name, None)):
+        return False
+    setattr(vce_api, name, replacement)
+    return True
+
+
 def _prompt_injector(state: Any, queue: Any, f_stop: threading.Event) -> None:
     """Flower's simulation reply injector (the workers' queue -> LinkState), which also wakes
     :meth:`SharedModelGrid.send_and_receive` after every reply it stores."""
@@ -250,15 +263,8 @@ def install_reply_wakeup() -> bool:
     gone (the grid then polls at its ``pull_interval``).
     """
     global _REPLY_WAKEUP
-    try:
-        from flwr.server.superlink.fleet.vce import vce_api
-    except ImportError:
-        return False
-    if not callable(getattr(vce_api, "put_message_into_state", None)):
-        return False
-    vce_api.put_message_into_state = _prompt_injector  # type: ignore[assignment]
-    _REPLY_WAKEUP = True
-    return True
+    _REPLY_WAKEUP = _replace_in_vce_api("put_message_into_state", _prompt_injector)
+    return _REPLY_WAKEUP
 
 
 def install_prompt_feeder() -> bool:
@@ -269,14 +275,7 @@ def install_prompt_feeder() -> bool:
     ``flwr.server.superlink.fleet.vce.vce_api`` (Flower 1.42, which the project pins; it is
     looked up when the engine starts), and leaves Flower alone where the function is gone.
     """
-    try:
-        from flwr.server.superlink.fleet.vce import vce_api
-    except ImportError:
-        return False
-    if not callable(getattr(vce_api, "add_messages_to_queue", None)):
-        return False
-    vce_api.add_messages_to_queue = _prompt_feeder  # type: ignore[assignment]
-    return True
+    return _replace_in_vce_api("add_messages_to_queue", _prompt_feeder)
 
 
 class SharedModelGrid:
