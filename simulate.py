@@ -195,6 +195,13 @@ def build_parser() -> OneLineParser:
         f"default: room for a round's updates and two models, at least {DEFAULT_OBJECT_STORE_MB})",
     )
     r.add_argument(
+        "--actor-queue-depth",
+        type=int,
+        default=2,
+        help="client tasks queued per actor (default 2: the next one waits in the actor while "
+        "it runs one, but also behind a client that hangs; 1: Flower's pool)",
+    )
+    r.add_argument(
         "--ray-temp-dir",
         default=None,
         help="temp dir of the local Ray instance (default: a fresh tmp dir, removed afterwards)",
@@ -222,6 +229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cpus = os.cpu_count() or 1
     if not 0 < args.client_cpus <= cpus and args.ray_address is None:
         parser.error(f"--client-cpus must be in (0, {cpus}] on this machine")
+    if args.actor_queue_depth < 1:
+        parser.error(f"--actor-queue-depth must be at least 1, got {args.actor_queue_depth}")
     if args.object_store_mb is not None and args.object_store_mb < MIN_OBJECT_STORE_MB:
         parser.error(f"--object-store-mb must be at least {MIN_OBJECT_STORE_MB} (Ray's minimum)")
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -263,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     install_prompt_feeder()  # clients start right after each push, not within 0.1 s
     install_reply_wakeup()  # the server waits for replies instead of polling for them
-    install_pipelined_actor_pool()  # the next client's task waits in the actor, not here
+    install_pipelined_actor_pool(args.actor_queue_depth)  # the next task waits in the actor
 
     own_tmp = temp_dir = None
     if args.ray_address is None:

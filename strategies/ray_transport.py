@@ -326,11 +326,12 @@ class SharedModelGrid:
 # Two tasks in flight per actor
 
 ACTOR_QUEUE_DEPTH = 2  # client tasks in flight per actor: the one running, the next queued
+_FLOWER_POOL: type | None = None  # Flower's own pool class, once replaced
 
 
-def _pipelined_pool_class(base: type) -> type:
+def _pipelined_pool_class(base: type, depth: int) -> type:
     class PipelinedActorPool(base):  # type: ignore[misc, valid-type]
-        """Flower's ``BasicActorPool`` with :data:`ACTOR_QUEUE_DEPTH` task slots per actor.
+        """Flower's ``BasicActorPool`` with ``depth`` task slots per actor.
 
         Each slot is one of Flower's worker threads; an actor runs its tasks one at a time
         (Ray keeps their order), so the next client's task is already waiting in the actor
@@ -343,8 +344,8 @@ def _pipelined_pool_class(base: type) -> type:
 
         def add_actors_to_pool(self, num_actors: int) -> None:
             for _ in range(num_actors):
-                self.pool.extend([self.create_actor_fn()] * ACTOR_QUEUE_DEPTH)
-            self.num_actors += num_actors * ACTOR_QUEUE_DEPTH  # Flower's worker count
+                self.pool.extend([self.create_actor_fn()] * depth)
+            self.num_actors += num_actors * depth  # Flower's worker count
 
         def submit(self, actor_fn: Any, job: tuple[Any, Any, str, Any]) -> Any:
             with self._lock:
@@ -370,23 +371,32 @@ def _pipelined_pool_class(base: type) -> type:
     return PipelinedActorPool
 
 
-def install_pipelined_actor_pool() -> bool:
-    """Give every simulation actor :data:`ACTOR_QUEUE_DEPTH` client tasks at a time; True if
-    it is in place.
+def install_pipelined_actor_pool(depth: int = ACTOR_QUEUE_DEPTH) -> bool:
+    """Give every simulation actor ``depth`` client tasks at a time (1: Flower's own pool);
+    True if that is in place.
 
     Flower's pool hands an actor its next client only after the last one's reply has come
     back to the driver: each task then waited for that round trip (a few ms on 2 cores, 10
     tasks a round per actor). This replaces the pool class that Flower's Ray backend
     (``flwr.server.superlink.fleet.vce.backend.raybackend``, Flower 1.42) builds, and leaves
     Flower alone where that name is gone. Replies, errors and ordering are Flower's.
+
+    The price: a task queued behind a client that hangs waits with it, so a hung client can
+    cost the round one more reply (the next client on its actor); with ``depth=1`` it costs
+    only its own.
     """
+    global _FLOWER_POOL
+    if depth < 1:
+        raise ValueError(f"actor queue depth must be at least 1, got {depth}")
     try:
         from flwr.server.superlink.fleet.vce.backend import raybackend
     except ImportError:
         return False
-    base = getattr(raybackend, "BasicActorPool", None)
-    if not isinstance(base, type):
-        return False
-    if getattr(base, "__name__", "") != "PipelinedActorPool":
-        raybackend.BasicActorPool = _pipelined_pool_class(base)  # type: ignore[attr-defined]
+    if _FLOWER_POOL is None:
+        base = getattr(raybackend, "BasicActorPool", None)
+        if not isinstance(base, type):
+            return False
+        _FLOWER_POOL = base
+    pool = _FLOWER_POOL if depth == 1 else _pipelined_pool_class(_FLOWER_POOL, depth)
+    raybackend.BasicActorPool = pool  # type: ignore[attr-defined]
     return True

@@ -263,10 +263,16 @@ def _pipelined_pool(monkeypatch, actors: int):  # noqa: ANN202
     from flwr.simulation.ray_transport.ray_actor import BasicActorPool
 
     monkeypatch.setattr(raybackend, "BasicActorPool", BasicActorPool)
+    monkeypatch.setattr(ray_transport, "_FLOWER_POOL", None)
     assert ray_transport.install_pipelined_actor_pool()
     cls = raybackend.BasicActorPool
     assert cls is not BasicActorPool and issubclass(cls, BasicActorPool)
-    assert ray_transport.install_pipelined_actor_pool() and raybackend.BasicActorPool is cls
+    assert ray_transport.install_pipelined_actor_pool(1)  # depth 1: Flower's own pool again
+    assert raybackend.BasicActorPool is BasicActorPool
+    with pytest.raises(ValueError, match="at least 1"):
+        ray_transport.install_pipelined_actor_pool(0)
+    assert ray_transport.install_pipelined_actor_pool(2)
+    cls = raybackend.BasicActorPool
     # Flower's __init__ asks a running Ray for the pool size; set what it would.
     pool = cls.__new__(cls)
     pool.__dict__.update(

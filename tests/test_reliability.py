@@ -342,6 +342,8 @@ def test_a_client_that_raises_or_hangs_costs_only_its_reply(
             "--local-steps", "1",
             "--round-timeout", str(timeout),
             "--fault-injection", "raise:1:2,hang:2:2",
+            # Flower's pool: a client queued behind the hung one on its actor would wait too
+            "--actor-queue-depth", "1",
             "--out", str(out),
             "--ray-temp-dir", str(flower_env / "ray" / "faults"),
         ],
@@ -369,7 +371,7 @@ def test_a_client_that_raises_or_hangs_costs_only_its_reply(
     reliability(
         "client hangs past the round timeout",
         f"Ray simulation, `--fault-injection hang:2:2` (sleeps {timeout + 5:g} s), "
-        f"`--round-timeout {timeout:g}`",
+        f"`--round-timeout {timeout:g}`, `--actor-queue-depth 1`",
         f"no reply: counted as dropped in round 2 (node {dropped['node_id']}, partition "
         f"{dropped['partition_id']}); the round closed after {second['seconds']:.0f} s with "
         f"{second['clients']} reply; the run completed {len(rows)} rounds",

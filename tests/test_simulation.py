@@ -41,6 +41,7 @@ ROUND_KEYS = {"round", "clients", "rejected", "failed", "train_loss", "test_accu
         (["--rounds", "two"], "positive integer"),
         (["--client-cpus", "999"], "--client-cpus"),
         (["--object-store-mb", "10"], "--object-store-mb must be at least 75"),
+        (["--actor-queue-depth", "0"], "--actor-queue-depth must be at least 1"),
     ],
 )
 def test_bad_flags_give_one_line_and_exit_2(argv, fragment, capsys) -> None:
