@@ -119,8 +119,8 @@ def test_lent_values_are_the_stored_ones_only_inside_the_block_and_thread() -> N
         other = threading.Thread(target=lambda: seen.append(stored.numpy()))
         other.start()
         other.join()
-        with lend_values():  # nested: still lent after the inner block ends
-            pass
+        with lend_values():  # nested: lent inside, and still lent after the inner block
+            assert stored.numpy() is lent
         assert stored.numpy() is lent
     assert np.shares_memory(lent, values) and not lent.flags.writeable
     with pytest.raises(ValueError, match="read-only"):
