@@ -12,7 +12,8 @@ run-config key ``resume = true`` (``--resume DIR``) a run continues from the che
 
 Reliability: every reply is validated (:class:`strategies.validation.ReplyValidator`, with
 the run's ``max-update-norm``, ``max-reply-mb`` and ``min-replies``); a client that fails,
-hangs past ``round-timeout`` (seconds per phase: train, then evaluate) or disappears costs
+hangs past ``round-timeout`` (seconds per phase: train, then evaluate; round r's evaluation
+is in flight while round r+1's training starts, see :func:`train_rounds`) or disappears costs
 only its own reply; after the first round the server samples whichever nodes are online,
 so a node that left does not stall the run.
 
@@ -78,6 +79,7 @@ from precode_flower.training import EvalStats, evaluate
 from strategies import FedSGD, Observed, Observer, ReplyValidator, aggregate_metrics
 from strategies.arrays import arrays_view
 from strategies.auditor import add_audit_args, audit_from_run_config, audit_run_config
+from strategies.replies import collect_replies
 
 log = logging.getLogger("precode_flower.server")
 
@@ -315,40 +317,64 @@ def train_rounds(
 
     Unlike ``start``, it can begin at any round (resume), seeds each round from
     (seed, round), and after the first round samples whichever nodes are online instead of
-    waiting for all ``cfg.clients``: a node that left must not stall the run. The central
-    evaluation, ``evaluate_fn(round, arrays)``, runs on a thread of its own while the
-    clients evaluate the same model, and ``after_round`` waits for it (and gets its error).
-    Returns the final global arrays.
+    waiting for all ``cfg.clients``: a node that left must not stall the run. And it does
+    not wait for a round's evaluation before sending the next round's training, which
+    starts from the same model: round r's evaluate messages are pushed right after its
+    aggregation, round r+1's train messages right behind them, and round r ends (its
+    replies aggregated, then ``after_round``) while the clients train for r+1. The central
+    evaluation, ``evaluate_fn(round, arrays)``, runs on a thread of its own meanwhile, and
+    ``after_round`` waits for it (and gets its error). Each phase may take up to
+    ``cfg.round_timeout`` seconds; a round's training is timed from when its clients'
+    evaluation of the previous model is in. Returns the final global arrays.
     """
     train_config = ConfigRecord(cfg.to_config())
     evaluate_config = ConfigRecord(cfg.to_config())
     inner = observed.strategy
+    reorder = grid if isinstance(grid, PartitionOrderedGrid) else None
     with ThreadPoolExecutor(1, thread_name_prefix="central-evaluation") as central:
+
+        def start_evaluation(
+            server_round: int, arrays: ArrayRecord, s_eval: int
+        ) -> tuple[int, ArrayRecord, list[str], Any]:
+            if reorder is not None:
+                reorder.reseed = s_eval
+            result = None
+            if evaluate_fn is not None:  # beside the clients' evaluation of the same model
+                result = central.submit(evaluate_fn, server_round, arrays)
+            messages = observed.configure_evaluate(server_round, arrays, evaluate_config, grid)
+            return server_round, arrays, list(grid.push_messages(messages)), result
+
+        def finish_evaluation(
+            server_round: int, arrays: ArrayRecord, ids: list[str], result: Any
+        ) -> None:
+            replies = collect_replies(grid, ids, cfg.round_timeout)
+            observed.aggregate_evaluate(server_round, replies)
+            del replies
+            stats = None if result is None else result.result()
+            if after_round is not None:
+                after_round(server_round, arrays, stats)
+
+        evaluation = None  # the previous round's, in flight
         for server_round in range(first_round, cfg.rounds + 1):
             s_train, s_eval = _seed_round(cfg.seed, server_round)
-            if isinstance(grid, PartitionOrderedGrid):
-                grid.reseed = s_train
+            if reorder is not None:
+                reorder.reseed = s_train
             messages = observed.configure_train(server_round, arrays, train_config, grid)
-            replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
+            train_ids = list(grid.push_messages(messages))
+            del messages
+            if evaluation is not None:
+                finish_evaluation(*evaluation)
+            replies = collect_replies(grid, train_ids, cfg.round_timeout)
             new, _ = observed.aggregate_train(server_round, replies)
-            del replies, messages  # the round's model-sized messages: let them go now
+            del replies  # the round's model-sized messages: let them go now
             heap.release_freed_memory(min_free=heap.TRIM_MIN_FREE)
             if new is not None:
                 arrays = new
             if hasattr(inner, "min_available_nodes"):
                 inner.min_available_nodes = 1
-            if isinstance(grid, PartitionOrderedGrid):
-                grid.reseed = s_eval
-            result = None
-            if evaluate_fn is not None:  # beside the clients' evaluation of the same model
-                result = central.submit(evaluate_fn, server_round, arrays)
-            messages = observed.configure_evaluate(server_round, arrays, evaluate_config, grid)
-            replies = grid.send_and_receive(messages=messages, timeout=cfg.round_timeout)
-            observed.aggregate_evaluate(server_round, replies)
-            del replies, messages
-            stats = None if result is None else result.result()
-            if after_round is not None:
-                after_round(server_round, arrays, stats)
+            evaluation = start_evaluation(server_round, arrays, s_eval)
+        if evaluation is not None:
+            finish_evaluation(*evaluation)
     return arrays
 
 

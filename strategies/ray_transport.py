@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import sys
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from queue import Empty
@@ -45,6 +44,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
 from .arrays import NUMPY_STYPE, StoredArray, arrays_view, to_array_record
+from .replies import poll_replies
 
 __all__ = [
     "SharedArrayRecord",
@@ -301,25 +301,20 @@ class SharedModelGrid:
         _PUSHED.set()
         return ids
 
+    def receive(self, message_ids: Iterable[str], *, timeout: float | None = None) -> list[Message]:
+        """Pull until every message in ``message_ids`` has its reply or ``timeout`` passes,
+        woken by each reply stored (:func:`install_reply_wakeup`) where that is in place."""
+        pull = self.grid.pull_messages
+        if _REPLY_WAKEUP:
+            return poll_replies(pull, message_ids, timeout, _REPLY_TIMEOUT, _REPLIED)
+        return poll_replies(pull, message_ids, timeout, self.grid.pull_interval)
+
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push, then pull until every message has its reply or ``timeout`` passes (the
         Grid's contract, as Flower's grids keep it)."""
-        pending = set(self.push_messages(messages))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        pause = _REPLY_TIMEOUT if _REPLY_WAKEUP else self.grid.pull_interval
-        replies: list[Message] = []
-        while pending:
-            _REPLIED.clear()  # before the pull: a reply stored during it ends the next wait
-            got = list(self.grid.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            now = time.monotonic()
-            if not pending or (deadline is not None and now >= deadline):
-                break
-            _REPLIED.wait(pause if deadline is None else min(pause, deadline - now))
-        return replies
+        return self.receive(self.push_messages(messages), timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------

@@ -135,31 +135,44 @@ class InProcessGrid:
         }
         self.faulty = faulty or {}
         self.sent: list = []
+        self.replies: dict = {}  # message id -> reply, until pulled
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
 
-    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
-        from flwr.app import Error
+    def push_messages(self, messages: Iterable) -> list[str]:
+        """Runs each message's ClientApp now; its reply waits for :meth:`pull_messages`."""
+        from flwr.app import Error, Message
 
-        replies = []
+        ids = []
         for msg in messages:
             self.sent.append(msg)
             nid = msg.metadata.dst_node_id
             # The reply must point back at a message with an id, as the SuperLink assigns.
-            msg.metadata.__dict__["_message_id"] = f"in-{nid}-{len(self.sent)}"
+            msg_id = f"in-{nid}-{len(self.sent)}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            ids.append(msg_id)
             try:
                 reply = self.app(msg, self.contexts[nid])
                 if nid in self.faulty and msg.metadata.message_type == "train":
                     reply = self.faulty[nid](reply)
             except Exception as err:  # as the simulation engine: an error reply
-                from flwr.app import Message
-
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             if reply is not None:  # None: the node dropped out
-                replies.append(reply)
+                self.replies[msg_id] = reply
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list:
+        got = [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
         # Replies arrive in an order unrelated to the request order.
-        return replies[::-1]
+        return got[::-1]
+
+    def receive(self, message_ids: Iterable[str], *, timeout: float | None = None) -> list:
+        # Every reply there will be is in once push_messages returns: no waiting for more.
+        return self.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable, *, timeout: float | None = None) -> list:
+        return self.receive(self.push_messages(messages), timeout=timeout)
 
 
 @pytest.fixture

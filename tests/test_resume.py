@@ -48,23 +48,25 @@ class Crash(Exception):
 
 
 class CrashingGrid:
-    """Forwards to ``grid`` until the first message of round ``crash_round``, then raises."""
+    """Forwards to ``grid`` until round ``crash_round``'s evaluation is sent, then raises:
+    the server dies mid-round, after that round's training (and the previous round's
+    checkpoint), before its own checkpoint."""
 
     def __init__(self, grid, crash_round: int) -> None:
         self.grid, self.crash_round = grid, crash_round
 
-    def get_node_ids(self):
-        return self.grid.get_node_ids()
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
         if any(
-            "config" in m.content.config_records
+            m.metadata.message_type == "evaluate"
             and m.content["config"]["server-round"] == self.crash_round
             for m in messages
         ):
             raise Crash(f"killed in round {self.crash_round}")
-        return self.grid.send_and_receive(messages, timeout=timeout)
+        return self.grid.push_messages(messages)
 
 
 def _rows(out: Path) -> list[dict]:
@@ -111,7 +113,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(
     assert load_checkpoint(broken).round == 3
     reliability(
         f"server crash mid-run ({name})",
-        "in-process: the grid raises at the start of round 3; then `resume=True` "
+        "in-process: the grid raises as round 3's evaluation is sent; then `resume=True` "
         "(`--resume DIR`) with fresh client state",
         "resumed after round 2 from checkpoint.pt; final model bit-for-bit equal to the "
         "uninterrupted run; rounds.jsonl rounds [1, 2, 3] (a stale round-3 row and a torn "

@@ -141,23 +141,27 @@ def test_object_store_holds_a_rounds_updates_and_two_models() -> None:
 
 
 class _EvaluatePhaseSignal:
-    """Wraps a grid; sets ``evaluating`` when an evaluate phase is sent."""
+    """Wraps a grid; sets ``evaluating`` when an evaluate phase is sent, and logs each push
+    as (message type, round)."""
 
     def __init__(self, grid) -> None:
-        self.grid, self.evaluating = grid, threading.Event()
+        self.grid, self.evaluating, self.pushed = grid, threading.Event(), []
 
     def __getattr__(self, name):
         return getattr(self.grid, name)
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        if messages and messages[0].metadata.message_type == "evaluate":
-            self.evaluating.set()
-        return self.grid.send_and_receive(messages, timeout=timeout)
+        if messages:
+            kind = messages[0].metadata.message_type
+            self.pushed.append((kind, messages[0].content["config"]["server-round"]))
+            if kind == "evaluate":
+                self.evaluating.set()
+        return self.grid.push_messages(messages)
 
 
 @pytest.mark.usefixtures("task_identity")
-def test_central_evaluation_runs_beside_the_client_evaluation(inprocess_grid) -> None:
+def test_evaluation_overlaps_central_evaluation_and_next_training(inprocess_grid) -> None:
     cfg = task.RunConfig(clients=2, rounds=2, local_steps=1, batch_size=8)
     grid = _EvaluatePhaseSignal(inprocess_grid(client_app, 2))
     bundle = data.load(cfg.dataset, cfg.data_dir or None)
@@ -174,14 +178,19 @@ def test_central_evaluation_runs_beside_the_client_evaluation(inprocess_grid) ->
 
     def after_round(server_round, arrays, result):
         seen.append(result)
-        done.append(observed.record(server_round).evaluate_clients)
+        done.append((observed.record(server_round).evaluate_clients, list(grid.pushed)))
 
     train_rounds(
         observed, grid, ArrayRecord(model.state_dict()), cfg,
         evaluate_fn=central, after_round=after_round,
     )  # fmt: skip
     assert seen == [(1, True, False), (2, True, False)]
-    assert done == [2, 2]  # the round's client evaluation was in when after_round ran
+    # The round's client evaluation was in when after_round ran, and the next round's
+    # training had been sent right behind it.
+    assert done == [
+        (2, [("train", 1), ("evaluate", 1), ("train", 2)]),
+        (2, [("train", 1), ("evaluate", 1), ("train", 2), ("evaluate", 2)]),
+    ]
 
     def failing(server_round, arrays):
         raise RuntimeError("central evaluation failed")

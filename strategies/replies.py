@@ -1,0 +1,70 @@
+"""Collecting replies to messages already pushed: ``Grid.send_and_receive`` in two steps.
+
+Flower's grids push a phase's messages and then pull until every reply is in, one phase at
+a time. Split into ``grid.push_messages`` and :func:`collect_replies`, a server can have two
+phases in flight: :func:`server.train_rounds` sends round r's evaluation and round r+1's
+training together, so the clients never wait for the server between the two.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from flwr.app import Message
+
+__all__ = ["FLOWER_PULL_INTERVAL", "collect_replies", "poll_replies"]
+
+# How often Flower's own gRPC grid asks the SuperLink for replies (it has no attribute for
+# it); grids that have a ``pull_interval`` (the simulation's in-memory grid) use theirs.
+FLOWER_PULL_INTERVAL = 3.0
+
+
+def poll_replies(
+    pull: Callable[[set[str]], Iterable[Message]],
+    message_ids: Iterable[str],
+    timeout: float | None,
+    pause: float,
+    wakeup: threading.Event | None = None,
+) -> list[Message]:
+    """Pull until every message in ``message_ids`` has its reply or ``timeout`` seconds have
+    passed (None: no limit), waiting ``pause`` seconds between pulls, or less where
+    ``wakeup`` is set (it is cleared before each pull, so a reply stored during the pull
+    ends the next wait at once). Returns the replies in the order they came."""
+    pending = set(message_ids)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        if wakeup is not None:
+            wakeup.clear()
+        got = list(pull(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        now = time.monotonic()
+        if not pending or (deadline is not None and now >= deadline):
+            break
+        wait = pause if deadline is None else min(pause, deadline - now)
+        if wakeup is not None:
+            wakeup.wait(wait)
+        else:
+            time.sleep(wait)
+    return replies
+
+
+def collect_replies(
+    grid: object, message_ids: Iterable[str], timeout: float | None
+) -> list[Message]:
+    """The replies to messages pushed with ``grid.push_messages``, as
+    ``grid.send_and_receive`` would have returned them after its push.
+
+    A grid with a ``receive(message_ids, timeout=...)`` method (the simulation's
+    :class:`~strategies.ray_transport.SharedModelGrid`, woken by each reply) does it itself;
+    any other Flower grid is polled at its ``pull_interval`` (Flower's gRPC grid: every
+    :data:`FLOWER_PULL_INTERVAL` seconds, as its ``send_and_receive`` does).
+    """
+    receive = getattr(grid, "receive", None)
+    if callable(receive):
+        return list(receive(message_ids, timeout=timeout))
+    pause = getattr(grid, "pull_interval", FLOWER_PULL_INTERVAL)
+    return poll_replies(grid.pull_messages, message_ids, timeout, pause)  # type: ignore[attr-defined]
