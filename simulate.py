@@ -71,6 +71,7 @@ from server import (
     out_dir_from_args,
 )
 from strategies.auditor import add_audit_args, audit_from_args, simulation_ground_truth
+from strategies.ray_transport import ACTOR_QUEUE_DEPTH
 
 LOOPBACK = {"127.0.0.1", "localhost"}
 
@@ -197,9 +198,9 @@ def build_parser() -> OneLineParser:
     r.add_argument(
         "--actor-queue-depth",
         type=int,
-        default=2,
-        help="client tasks queued per actor (default 2: the next one waits in the actor while "
-        "it runs one, but also behind a client that hangs; 1: Flower's pool)",
+        default=ACTOR_QUEUE_DEPTH,
+        help=f"client tasks queued per actor (default {ACTOR_QUEUE_DEPTH}: the next one waits "
+        "in the actor while it runs one, but also behind a client that hangs; 1: Flower's pool)",
     )
     r.add_argument(
         "--ray-temp-dir",

@@ -243,7 +243,7 @@ def _replace_in_vce_api(name: str, replacement: Any) -> bool:
 
 def _prompt_injector(state: Any, queue: Any, f_stop: threading.Event) -> None:
     """Flower's simulation reply injector (the workers' queue -> LinkState), which also wakes
-    :meth:`SharedModelGrid.send_and_receive` after every reply it stores."""
+    :meth:`SharedModelGrid.receive` after every reply it stores."""
     while not f_stop.is_set():
         try:
             reply = queue.get(timeout=1.0)
