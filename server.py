@@ -12,8 +12,8 @@ run-config key ``resume = true`` (``--resume DIR``) a run continues from the che
 
 Reliability: every reply is validated (:class:`strategies.validation.ReplyValidator`, with
 the run's ``max-update-norm``, ``max-reply-mb`` and ``min-replies``); a client that fails,
-hangs past ``round-timeout`` (seconds per phase; round r's evaluation is queued behind
-round r+1's training, see :func:`train_rounds`) or disappears costs
+hangs past ``round-timeout`` (seconds per phase: train, then evaluate; round r's evaluation
+is in flight while round r+1's training starts, see :func:`train_rounds`) or disappears costs
 only its own reply; after the first round the server samples whichever nodes are online,
 so a node that left does not stall the run.
 
@@ -157,13 +157,8 @@ class RoundLog:
         )
         self._last = time.perf_counter()
 
-    def on_evaluation(
-        self, server_round: int, loss: float, accuracy: float, aggregated: float | None = None
-    ) -> None:
-        """The row of ``server_round`` (round 0: the initial model's evaluation).
-        ``aggregated``: the round's aggregation time (``time.perf_counter``); a row's
-        ``seconds`` run from the previous round's (round 1: from the start) to it."""
-        now = time.perf_counter() if aggregated is None else aggregated
+    def on_evaluation(self, server_round: int, loss: float, accuracy: float) -> None:
+        now = time.perf_counter()
         if server_round == 0:
             self.initial = {"test_loss": loss, "test_accuracy": accuracy}
             self._last = now
@@ -314,28 +309,23 @@ def train_rounds(
     *,
     first_round: int = 1,
     evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
-    snapshot: Callable[[int, ArrayRecord], Any] | None = None,
-    after_round: Callable[[int, ArrayRecord, Any, Any], None] | None = None,
+    after_round: Callable[[int, ArrayRecord, Any], None] | None = None,
 ) -> ArrayRecord:
     """Rounds ``first_round..cfg.rounds`` as Flower's ``Strategy.start`` runs them (train,
-    client evaluation, central evaluation), then ``after_round(round, arrays, result,
-    state)`` with the central evaluation's result (None without ``evaluate_fn``) and what
-    ``snapshot(round, arrays)`` returned right after the round's aggregation (None without
-    it): a round ends after the next round's aggregation, which may change server state.
+    client evaluation, central evaluation), then ``after_round(round, arrays, result)``
+    with the central evaluation's result (None without ``evaluate_fn``).
 
     Unlike ``start``, it can begin at any round (resume), seeds each round from
     (seed, round), and after the first round samples whichever nodes are online instead of
-    waiting for all ``cfg.clients``: a node that left must not stall the run. And it never
-    has the clients wait for the server between phases: round r's evaluate messages are
-    pushed right behind round r+1's train messages (both carry round r's model), so that
-    the clients evaluate while the server aggregates round r+1. Round r ends (its evaluate
-    replies aggregated, then ``after_round``) after that aggregation, once round r+2's
-    training and round r+1's evaluation are pushed in turn. The central evaluation,
-    ``evaluate_fn(round, arrays)``, runs on a thread of its own from the push of the
-    round's evaluate messages, and ``after_round`` waits for it (and gets its error). Each
-    phase may take up to ``cfg.round_timeout`` seconds, timed from when the phase ahead of
-    it is in: round r+1's training from round r-1's evaluation, round r's evaluation from
-    round r+1's aggregation. Returns the final global arrays.
+    waiting for all ``cfg.clients``: a node that left must not stall the run. And it does
+    not wait for a round's evaluation before sending the next round's training, which
+    starts from the same model: round r's evaluate messages are pushed right after its
+    aggregation, round r+1's train messages right behind them, and round r ends (its
+    replies aggregated, then ``after_round``) while the clients train for r+1. The central
+    evaluation, ``evaluate_fn(round, arrays)``, runs on a thread of its own meanwhile, and
+    ``after_round`` waits for it (and gets its error). Each phase may take up to
+    ``cfg.round_timeout`` seconds; a round's training is timed from when its clients'
+    evaluation of the previous model is in. Returns the final global arrays.
     """
     train_config = ConfigRecord(cfg.to_config())
     evaluate_config = ConfigRecord(cfg.to_config())
@@ -344,28 +334,27 @@ def train_rounds(
     with ThreadPoolExecutor(1, thread_name_prefix="central-evaluation") as central:
 
         def start_evaluation(
-            server_round: int, arrays: ArrayRecord, s_eval: int, state: Any
-        ) -> tuple[int, ArrayRecord, list[str], Any, Any]:
+            server_round: int, arrays: ArrayRecord, s_eval: int
+        ) -> tuple[int, ArrayRecord, list[str], Any]:
             if reorder is not None:
                 reorder.reseed = s_eval
             result = None
             if evaluate_fn is not None:  # beside the clients' evaluation of the same model
                 result = central.submit(evaluate_fn, server_round, arrays)
             messages = observed.configure_evaluate(server_round, arrays, evaluate_config, grid)
-            return server_round, arrays, list(grid.push_messages(messages)), result, state
+            return server_round, arrays, list(grid.push_messages(messages)), result
 
         def finish_evaluation(
-            server_round: int, arrays: ArrayRecord, ids: list[str], result: Any, state: Any
+            server_round: int, arrays: ArrayRecord, ids: list[str], result: Any
         ) -> None:
             replies = collect_replies(grid, ids, cfg.round_timeout)
             observed.aggregate_evaluate(server_round, replies)
             del replies
             stats = None if result is None else result.result()
             if after_round is not None:
-                after_round(server_round, arrays, stats, state)
+                after_round(server_round, arrays, stats)
 
-        queued = None  # the previous model's evaluation, pushed behind this round's training
-        aggregated = None  # (round, arrays, evaluate seed, snapshot) of the latest aggregation
+        evaluation = None  # the previous round's, in flight
         for server_round in range(first_round, cfg.rounds + 1):
             s_train, s_eval = _seed_round(cfg.seed, server_round)
             if reorder is not None:
@@ -373,10 +362,8 @@ def train_rounds(
             messages = observed.configure_train(server_round, arrays, train_config, grid)
             train_ids = list(grid.push_messages(messages))
             del messages
-            # Behind the training, so that the clients evaluate while the server aggregates.
-            before, queued = queued, aggregated and start_evaluation(*aggregated)
-            if before is not None:  # queued behind the previous round's training: long done
-                finish_evaluation(*before)
+            if evaluation is not None:
+                finish_evaluation(*evaluation)
             replies = collect_replies(grid, train_ids, cfg.round_timeout)
             new, _ = observed.aggregate_train(server_round, replies)
             del replies  # the round's model-sized messages: let them go now
@@ -385,12 +372,9 @@ def train_rounds(
                 arrays = new
             if hasattr(inner, "min_available_nodes"):
                 inner.min_available_nodes = 1
-            state = None if snapshot is None else snapshot(server_round, arrays)
-            aggregated = (server_round, arrays, s_eval, state)
-        if queued is not None:
-            finish_evaluation(*queued)
-        if aggregated is not None:  # the final model's: nothing left to queue it behind
-            finish_evaluation(*start_evaluation(*aggregated))
+            evaluation = start_evaluation(server_round, arrays, s_eval)
+        if evaluation is not None:
+            finish_evaluation(*evaluation)
     return arrays
 
 
@@ -448,18 +432,12 @@ def run_federation(
 
     writer = ckpt_mod.CheckpointWriter(out)
 
-    def snapshot(server_round: int, arrays: ArrayRecord) -> tuple[dict, dict, float]:
-        # What the next round changes (the server optimiser's buffers are updated in place,
-        # the RNGs advance); the model record itself is replaced, never changed.
+    def after_round(server_round: int, arrays: ArrayRecord, stats: EvalStats) -> None:
+        round_log.on_evaluation(server_round, stats.loss, stats.accuracy)
+        # Snapshot what the next round changes (the server optimiser's buffers are updated
+        # in place, the RNGs advance); the model record itself is replaced, never changed.
         state = copy.deepcopy(strategy.state_dict()) if isinstance(strategy, FedSGD) else {}
-        return state, ckpt_mod.rng_state(), time.perf_counter()
-
-    def after_round(
-        server_round: int, arrays: ArrayRecord, stats: EvalStats, saved: tuple[dict, dict, float]
-    ) -> None:
-        state, rng, aggregated = saved
-        round_log.on_evaluation(server_round, stats.loss, stats.accuracy, aggregated)
-        initial = dict(round_log.initial)
+        rng, initial = ckpt_mod.rng_state(), dict(round_log.initial)
         writer.submit(
             lambda: ckpt_mod.Checkpoint(
                 round=server_round,
@@ -484,7 +462,6 @@ def run_federation(
             cfg,
             first_round=done + 1,
             evaluate_fn=central_evaluation,
-            snapshot=snapshot,
             after_round=after_round,
         )
     finally:

@@ -2,8 +2,8 @@
 
 Flower's grids push a phase's messages and then pull until every reply is in, one phase at
 a time. Split into ``grid.push_messages`` and :func:`collect_replies`, a server can have two
-phases in flight: :func:`server.train_rounds` sends round r+1's training and round r's
-evaluation together, so the clients never wait for the server between the two.
+phases in flight: :func:`server.train_rounds` sends round r's evaluation and round r+1's
+training together, so the clients never wait for the server between the two.
 """
 
 from __future__ import annotations
