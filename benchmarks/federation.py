@@ -12,7 +12,7 @@ epoch), with ``--clients`` clients, for each ``--data-source`` (default: the emb
    and the central evaluation, in this process; once with the clients on as many threads
    as cores with one torch thread each (the actors' resources, without their processes),
    once one client at a time with torch on every core. Both are scheduled as the server
-   schedules a round: round r's evaluations are queued behind round r+1's updates.
+   schedules a round: round r's evaluations are queued ahead of round r+1's updates.
 
 Steps 2 and 3 alternate ``--repeats`` times, so that the load of the shared host, which
 drifts over minutes, weighs on both sides alike.
@@ -20,9 +20,9 @@ drifts over minutes, weighs on both sides alike.
 4. Memory: a second, shorter simulation (3 rounds), ``python simulate.py`` in a child
    process, sampled from /proc every 0.2 s.
 
-The overhead ratio of a repeat is the simulated round's time (from one aggregation to the
-next) over the faster plain loop's, medians of the rounds after the first (it also starts
-the actors and loads each actor's data); the figure is the median of the repeats' ratios.
+The overhead ratio of a repeat is the simulated round's time over the faster plain loop's,
+medians of the rounds after the first (it also starts the actors and loads each actor's
+data); the figure is the median of the repeats' ratios.
 Peak memory is the largest sum, over the memory run's ``simulate.py`` process and all its
 descendants (Ray's GCS, raylet, workers), of the resident set size and of the proportional
 set size (PSS, which splits shared pages among the processes sharing them). It is measured
@@ -257,10 +257,9 @@ def plain_rounds(cfg: task.RunConfig, rounds: int, workers: int, threads: int) -
     ``workers`` threads run the clients, each with its own model, and torch uses
     ``threads`` threads per operation (torch releases the GIL inside operations, so the
     worker threads compute in parallel). Scheduled as :func:`server.train_rounds` does it:
-    after round r's FedAvg, round r+1's updates are queued and round r's client and central
-    evaluations right behind them, so that the workers evaluate while the next FedAvg is
-    computed. A round's time is from the previous round's FedAvg to its own, as the
-    simulation's ``seconds`` run from aggregation to aggregation.
+    round r's client and central evaluations are queued right after its FedAvg, round
+    r+1's updates right behind them, and a round ends when its evaluations are in; its
+    time is from the previous round's end to its own.
     """
     torch.set_num_threads(max(1, threads))
     bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
@@ -290,33 +289,29 @@ def plain_rounds(cfg: task.RunConfig, rounds: int, workers: int, threads: int) -
     times: list[float] = []
     last = time.perf_counter()
 
-    def wait(evaluations: list[Future]) -> None:
+    def round_ends(evaluations: list[Future]) -> None:
+        nonlocal last
         for f in evaluations:
             f.result()
+        now = time.perf_counter()
+        times.append(now - last)
+        last = now
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-
-        def evaluations_of(state: OrderedDict) -> list[Future]:
-            return [pool.submit(central, state)] + [
-                pool.submit(evaluation, p, state) for p in range(cfg.clients)
-            ]
-
-        queued: list[Future] = []  # the previous model's evaluations, behind this round's
+        evaluations: list[Future] = []  # the previous round's, queued
         for server_round in range(1, rounds + 1):
             pending = [pool.submit(update, p, state, server_round) for p in range(cfg.clients)]
-            before, queued = queued, evaluations_of(state) if server_round > 1 else []
-            wait(before)
+            if evaluations:
+                round_ends(evaluations)
             updates = [f.result() for f in pending]
             total = sum(u.num_examples for u in updates)
             state = OrderedDict(
                 (k, torch.from_numpy(sum(u.arrays[k] * (u.num_examples / total) for u in updates)))
                 for k in state
             )
-            now = time.perf_counter()
-            times.append(now - last)
-            last = now
-        wait(queued)
-        wait(evaluations_of(state))
+            evaluations = [pool.submit(central, state)]
+            evaluations += [pool.submit(evaluation, p, state) for p in range(cfg.clients)]
+        round_ends(evaluations)
     return times
 
 
@@ -530,11 +525,11 @@ plain loops in turn); Ray actors with {args.client_cpus:g} CPU each on {os.cpu_c
 The plain loops run the same rounds (client updates, FedAvg, client and central evaluation)
 in one process: once with the clients on as many threads as there are actors (one torch
 thread each), once one client at a time (torch on all cores).
-Both are scheduled as the server schedules rounds: after round r's FedAvg, round r+1's
-updates are queued and round r's client and central evaluations right behind them, so that
-the clients evaluate while the next FedAvg is computed; a round's time runs from the
-previous round's FedAvg to its own (the simulation's, from aggregation to aggregation).
-The scheduling thus speeds up both sides, and the ratio counts only what Flower and Ray add.
+Both are scheduled as the server schedules rounds: round r's client and central evaluations
+are queued right after its FedAvg, round r+1's updates right behind them, and a round's
+time runs from the previous round's end to the end of its evaluations. The overlap of
+evaluation and the next training thus speeds up both sides, and the ratio counts only what
+Flower and Ray add.
 Load average (1 min) of the shared machine: {load_before[0]:.1f} before, \
 {load_after[0]:.1f} after.
 
@@ -549,8 +544,8 @@ into the store once, straight from the trained weights, and the server checks an
 aggregates it in place, Flower's FedAvg included (`strategies/ray_transport.py`,
 `strategies/arrays.py`). Each actor has its next client's task queued while it runs one,
 the server sleeps until a reply arrives instead of polling, the checkpoint writer runs at
-the lowest CPU priority, and round r's evaluation (clients' and central) is queued behind
-round r+1's training, so that the actors evaluate while the server aggregates.
+the lowest CPU priority, and round r's evaluation (clients' and central) runs while round
+r+1's train messages wait behind it.
 What remains, {per_message * 1e3:.0f} ms per model-sized message here ((simulated - faster plain) /
 {3 * args.clients}, first data source), is per-client work that the plain loop does not do:
 Ray task handling and Flower's message handling, copying each update into the store (the
