@@ -13,12 +13,11 @@ epoch), with ``--clients`` clients, for each ``--data-source`` (default: the emb
    as cores with one torch thread each (the actors' resources, without their processes),
    once one client at a time with torch on every core. Both are scheduled as the server
    schedules a round: round r's evaluations are queued ahead of round r+1's updates.
+4. Memory: a second, shorter simulation (3 rounds), ``python simulate.py`` in a child
+   process, sampled from /proc every 0.2 s.
 
 Steps 2 and 3 alternate ``--repeats`` times, so that the load of the shared host, which
 drifts over minutes, weighs on both sides alike.
-
-4. Memory: a second, shorter simulation (3 rounds), ``python simulate.py`` in a child
-   process, sampled from /proc every 0.2 s.
 
 The overhead ratio of a repeat is the simulated round's time over the faster plain loop's,
 medians of the rounds after the first (it also starts the actors and loads each actor's
@@ -356,10 +355,10 @@ def measure(args: argparse.Namespace, data_source: str, tmp: Path) -> Measuremen
         )  # fmt: skip
         # The plain loops use exactly the simulated run's config (data included).
         cfg = task.RunConfig.from_mapping(json.loads((run / "config.json").read_text()))
-        bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
         plain.append(plain_rounds(cfg, args.rounds, workers=workers, threads=int(args.client_cpus)))
         sequential.append(plain_rounds(cfg, args.rounds, workers=1, threads=os.cpu_count() or 1))
         torch.set_num_threads(os.cpu_count() or 1)
+    bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
     memory = simulated_memory(
         args.clients,
         min(args.rounds, MEMORY_ROUNDS),

@@ -141,11 +141,12 @@ def test_object_store_holds_a_rounds_updates_and_two_models() -> None:
 
 
 class _EvaluatePhaseSignal:
-    """Wraps a grid; sets ``evaluating`` when an evaluate phase is sent, and logs each push
-    as (message type, round)."""
+    """Wraps a grid; sets ``evaluating[r]`` when round r's evaluate phase is sent, and logs
+    each push as (message type, round)."""
 
-    def __init__(self, grid) -> None:
-        self.grid, self.evaluating, self.pushed = grid, threading.Event(), []
+    def __init__(self, grid, rounds: int) -> None:
+        self.grid, self.pushed = grid, []
+        self.evaluating = {r: threading.Event() for r in range(1, rounds + 1)}
 
     def __getattr__(self, name):
         return getattr(self.grid, name)
@@ -154,16 +155,17 @@ class _EvaluatePhaseSignal:
         messages = list(messages)
         if messages:
             kind = messages[0].metadata.message_type
-            self.pushed.append((kind, messages[0].content["config"]["server-round"]))
+            server_round = messages[0].content["config"]["server-round"]
+            self.pushed.append((kind, server_round))
             if kind == "evaluate":
-                self.evaluating.set()
+                self.evaluating[server_round].set()
         return self.grid.push_messages(messages)
 
 
 @pytest.mark.usefixtures("task_identity")
 def test_evaluation_overlaps_central_evaluation_and_next_training(inprocess_grid) -> None:
     cfg = task.RunConfig(clients=2, rounds=2, local_steps=1, batch_size=8)
-    grid = _EvaluatePhaseSignal(inprocess_grid(client_app, 2))
+    grid = _EvaluatePhaseSignal(inprocess_grid(client_app, 2), cfg.rounds)
     bundle = data.load(cfg.dataset, cfg.data_dir or None)
     model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=0)
     strategy = make_strategy(cfg, [n for n, _ in model.named_parameters()])
@@ -172,8 +174,7 @@ def test_evaluation_overlaps_central_evaluation_and_next_training(inprocess_grid
 
     def central(server_round, arrays):
         # Waits for the clients' evaluation of this round: sequential would time out.
-        overlapped = grid.evaluating.wait(timeout=30)
-        grid.evaluating.clear()
+        overlapped = grid.evaluating[server_round].wait(timeout=30)
         return server_round, overlapped, threading.current_thread() is threading.main_thread()
 
     def after_round(server_round, arrays, result):
