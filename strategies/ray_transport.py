@@ -190,9 +190,11 @@ def share_message_arrays(
         if msg.has_error():
             continue
         content = msg.content
-        for key, record in list(content.array_records.items()):
-            if isinstance(record, SharedArrayRecord):  # a content shared by earlier messages
-                continue
+        # Not ``content.array_records``: that view would tie the content (and the original
+        # record) into a reference cycle (see strategies.replies.release_arrays).
+        for key, record in list(content.items()):
+            if not isinstance(record, ArrayRecord) or isinstance(record, SharedArrayRecord):
+                continue  # not arrays, or a content shared by earlier messages
             hit = cache.get(id(record))
             if hit is None or hit[0] is not record:
                 hit = cache[id(record)] = (record, share(record, many_readers=True))

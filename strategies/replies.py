@@ -1,9 +1,11 @@
-"""Collecting replies to messages already pushed: ``Grid.send_and_receive`` in two steps.
+"""Collecting replies to messages already pushed (``Grid.send_and_receive`` in two steps),
+and letting them go once they are aggregated.
 
 Flower's grids push a phase's messages and then pull until every reply is in, one phase at
 a time. Split into ``grid.push_messages`` and :func:`collect_replies`, a server can have two
 phases in flight: :func:`server.train_rounds` sends round r's evaluation and round r+1's
 training together, so the clients never wait for the server between the two.
+:func:`release_arrays` frees a round's updates as soon as the round is done with them.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
-__all__ = ["FLOWER_PULL_INTERVAL", "collect_replies", "poll_replies"]
+__all__ = ["FLOWER_PULL_INTERVAL", "collect_replies", "poll_replies", "release_arrays"]
 
 # How often Flower's own gRPC grid asks the SuperLink for replies (it has no attribute for
 # it); grids that have a ``pull_interval`` (the simulation's in-memory grid) use theirs.
@@ -68,3 +70,23 @@ def collect_replies(
         return list(receive(message_ids, timeout=timeout))
     pause = getattr(grid, "pull_interval", FLOWER_PULL_INTERVAL)
     return poll_replies(grid.pull_messages, message_ids, timeout, pause)  # type: ignore[attr-defined]
+
+
+def release_arrays(messages: Iterable[Message]) -> None:
+    """Empty the array records in the content of messages the server is done with.
+
+    Flower's ``RecordDict.array_records`` (and ``metric_records``, ``config_records``)
+    returns a view that refers back to the ``RecordDict`` in a reference cycle, and
+    Flower's strategies read every reply through such views. A reply read that way outlives
+    its last reference until Python's cyclic garbage collector runs, and its arrays with
+    it: in a simulation, a client's update in Ray's object store. Rounds of such updates
+    filled the store, and Ray then held every new update for 2 s before spilling it to
+    disk. Emptied, the records let the arrays go with the round's last reference to them.
+    NumPy views taken earlier (an observer's, the auditor's) stay valid.
+    """
+    for msg in messages:
+        if msg.has_error():
+            continue
+        for record in msg.content.values():
+            if isinstance(record, ArrayRecord):
+                record.clear()

@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import gc
 import time
+import weakref
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
+import pytest
 from conftest import make_message
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from test_ray_transport import _FakeGrid
 
+from clients.client_app import app as client_app
+from precode_flower import task
 from strategies import ray_transport
-from strategies.arrays import to_array_record
-from strategies.replies import collect_replies
+from strategies.arrays import arrays_view, to_array_record
+from strategies.replies import collect_replies, release_arrays
 
 
 def _push(grid, n: int) -> list[str]:
@@ -74,3 +81,74 @@ def test_shared_model_grid_receives_what_it_pushed(monkeypatch) -> None:
     first, second = _push(grid, 1), _push(grid, 2)
     assert [r.metadata.reply_to_message_id for r in collect_replies(grid, first, 30)] == ["id0"]
     assert len(collect_replies(grid, second, 30)) == 2
+
+
+@contextmanager
+def _no_cyclic_gc():
+    """Only reference counting frees objects meanwhile (what happens between collections)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _update_reply() -> tuple[Message, weakref.ref]:
+    record = to_array_record({"w": np.arange(1000.0), "b": np.ones(3)})
+    content = RecordDict({"arrays": record, "metrics": MetricRecord({"num-examples": 4})})
+    msg = make_message(content, "train")
+    return msg, weakref.ref(record["w"])
+
+
+def test_released_arrays_go_with_the_last_reference_despite_flowers_view_cycle() -> None:
+    with _no_cyclic_gc():
+        kept, kept_ref = _update_reply()
+        released, released_ref = _update_reply()
+        for msg in (kept, released):
+            assert len(msg.content.array_records) == 1  # as Flower's strategies read replies
+        view = arrays_view(released.content["arrays"])["w"]
+        release_arrays([released])
+        del kept, released
+        # The view cycle keeps an unreleased reply's arrays; a released one's are gone.
+        assert kept_ref() is not None
+        assert released_ref() is None
+        np.testing.assert_array_equal(view, np.arange(1000.0))  # earlier views stay valid
+
+
+def test_release_skips_error_replies_and_keeps_metrics() -> None:
+    msg, _ = _update_reply()
+    failed = make_message(RecordDict(), "train")
+    failed = Message(Error(code=0, reason="boom"), reply_to=failed)
+    release_arrays([failed, msg])
+    assert len(msg.content["arrays"]) == 0
+    assert msg.content["metrics"]["num-examples"] == 4
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedsgd"])
+def test_a_finished_rounds_updates_are_freed_without_the_cyclic_gc(
+    mode: str, tmp_path: Path, task_identity: None, inprocess_grid: type
+) -> None:
+    """In a simulation a lingering update pins Ray's object store (see release_arrays)."""
+    from server import run_federation
+
+    class Recording(inprocess_grid):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            super().__init__(*args, **kwargs)
+            self.updates: list[weakref.ref] = []
+
+        def pull_messages(self, message_ids):  # noqa: ANN001, ANN202
+            got = super().pull_messages(message_ids)
+            for m in got:
+                if m.metadata.message_type == "train" and not m.has_error():
+                    self.updates += [weakref.ref(a) for a in m.content["arrays"].values()]
+            return got
+
+    cfg = task.RunConfig(mode=mode, batch_size=4, local_steps=1, rounds=2, clients=3)
+    grid = Recording(client_app, 3)
+    with _no_cyclic_gc():
+        run_federation(grid, cfg, tmp_path / "run", progress=False)
+        assert grid.updates
+        alive = sum(ref() is not None for ref in grid.updates)
+    assert alive == 0
