@@ -79,7 +79,7 @@ from precode_flower.training import EvalStats, evaluate
 from strategies import FedSGD, Observed, Observer, ReplyValidator, aggregate_metrics
 from strategies.arrays import arrays_view
 from strategies.auditor import add_audit_args, audit_from_run_config, audit_run_config
-from strategies.replies import collect_replies, release_arrays
+from strategies.replies import collect_replies
 
 log = logging.getLogger("precode_flower.server")
 
@@ -366,8 +366,7 @@ def train_rounds(
                 finish_evaluation(*evaluation)
             replies = collect_replies(grid, train_ids, cfg.round_timeout)
             new, _ = observed.aggregate_train(server_round, replies)
-            release_arrays(replies)  # the round's model-sized messages: let them go now
-            del replies
+            del replies  # the round's model-sized messages (emptied by Observed): let them go
             heap.release_freed_memory(min_free=heap.TRIM_MIN_FREE)
             if new is not None:
                 arrays = new

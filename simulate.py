@@ -79,9 +79,9 @@ LOOPBACK = {"127.0.0.1", "localhost"}
 # Ray's object store carries every model-sized message (Ray's default: 30% of RAM). Its
 # shared pages, once touched, stay resident, so it is sized to what a round keeps there at
 # once (object_store_mb): the round's updates, which the server reads in place until it has
-# aggregated them (then lets go: strategies.replies.release_arrays), and the global model,
-# twice (the old one may still be read while the new one is written). Where more is
-# needed, Ray waits 2 s and then spills to disk.
+# aggregated them (Observed then lets them go: strategies.replies.release_arrays), and the
+# global model, twice (the old one may still be read while the new one is written). Where
+# more is needed, Ray waits 2 s and then spills to disk.
 DEFAULT_OBJECT_STORE_MB = 256  # the least object_store_mb gives
 MIN_OBJECT_STORE_MB = 75  # Ray's minimum
 

@@ -9,7 +9,9 @@ the reliability layer are observers): per round it
    array names / shapes / dtypes versus what was sent, NaN/Inf, ...), logs each rejection
    with node id, partition id, round and reason, hands the valid replies (as
    :class:`ClientReply`) to each observer, and calls the wrapped strategy's
-   ``aggregate_train`` with only the valid reply messages, unchanged;
+   ``aggregate_train`` with only the valid reply messages, unchanged; then empties the
+   replies' array records (:func:`~strategies.replies.release_arrays`), so that a round's
+   updates do not outlive it;
 3. records per round how many clients were accepted, rejected, failed (error replies) and
    dropped (no reply before the timeout), naming each by node id and, where known from
    any earlier reply, partition id, in :attr:`Observed.rounds`;
@@ -39,6 +41,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from .arrays import array_view, arrays_view, lend_values
+from .replies import release_arrays
 from .validation import ReplyValidator
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,18 @@ class Observed(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
+        arrays: ArrayRecord | None = None
+        try:
+            arrays, metrics = self._aggregate_train(server_round, replies)
+            return arrays, metrics
+        finally:
+            # Done with the round's model-sized replies: let them go now, not at the next
+            # cyclic GC (a strategy may hand back a reply's own record: that one stays).
+            release_arrays(replies, keep=arrays)
+
+    def _aggregate_train(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         context = self._contexts.pop(server_round, None) or RoundContext(server_round, {}, {})
         rec = self.record(server_round)
         origin = self._origins("train", server_round)

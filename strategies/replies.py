@@ -5,7 +5,8 @@ Flower's grids push a phase's messages and then pull until every reply is in, on
 a time. Split into ``grid.push_messages`` and :func:`collect_replies`, a server can have two
 phases in flight: :func:`server.train_rounds` sends round r's evaluation and round r+1's
 training together, so the clients never wait for the server between the two.
-:func:`release_arrays` frees a round's updates as soon as the round is done with them.
+:func:`release_arrays` frees a round's updates as soon as they are aggregated
+(:class:`~strategies.observed.Observed` calls it).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def collect_replies(
     return poll_replies(grid.pull_messages, message_ids, timeout, pause)  # type: ignore[attr-defined]
 
 
-def release_arrays(messages: Iterable[Message]) -> None:
+def release_arrays(messages: Iterable[Message], keep: ArrayRecord | None = None) -> None:
     """Empty the array records in the content of messages the server is done with.
 
     Flower's ``RecordDict.array_records`` (and ``metric_records``, ``config_records``)
@@ -82,11 +83,12 @@ def release_arrays(messages: Iterable[Message]) -> None:
     it: in a simulation, a client's update in Ray's object store. Rounds of such updates
     filled the store, and Ray then held every new update for 2 s before spilling it to
     disk. Emptied, the records let the arrays go with the round's last reference to them.
-    NumPy views taken earlier (an observer's, the auditor's) stay valid.
+    NumPy views taken earlier (an observer's, the auditor's) stay valid. ``keep``: a record
+    to leave whole (the aggregate, should a strategy return a reply's own record).
     """
     for msg in messages:
         if msg.has_error():
             continue
         for record in msg.content.values():
-            if isinstance(record, ArrayRecord):
+            if isinstance(record, ArrayRecord) and record is not keep:
                 record.clear()

@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_message
-from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from test_ray_transport import _FakeGrid
 
 from clients.client_app import app as client_app
 from precode_flower import task
-from strategies import ray_transport
+from strategies import Observed, ray_transport
 from strategies.arrays import arrays_view, to_array_record
 from strategies.replies import collect_replies, release_arrays
 
@@ -126,12 +127,8 @@ def test_release_skips_error_replies_and_keeps_metrics() -> None:
     assert msg.content["metrics"]["num-examples"] == 4
 
 
-@pytest.mark.parametrize("mode", ["fedavg", "fedsgd"])
-def test_a_finished_rounds_updates_are_freed_without_the_cyclic_gc(
-    mode: str, tmp_path: Path, task_identity: None, inprocess_grid: type
-) -> None:
-    """In a simulation a lingering update pins Ray's object store (see release_arrays)."""
-    from server import run_federation
+def _recording_grid(inprocess_grid: type, nodes: int):  # noqa: ANN202
+    """An in-process grid that keeps a weak reference to every train reply's arrays."""
 
     class Recording(inprocess_grid):
         def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
@@ -145,10 +142,47 @@ def test_a_finished_rounds_updates_are_freed_without_the_cyclic_gc(
                     self.updates += [weakref.ref(a) for a in m.content["arrays"].values()]
             return got
 
+    return Recording(client_app, nodes)
+
+
+@pytest.mark.parametrize("mode", ["fedavg", "fedsgd"])
+def test_a_finished_rounds_updates_are_freed_without_the_cyclic_gc(
+    mode: str, tmp_path: Path, task_identity: None, inprocess_grid: type
+) -> None:
+    """In a simulation a lingering update pins Ray's object store (see release_arrays)."""
+    from server import run_federation
+
     cfg = task.RunConfig(mode=mode, batch_size=4, local_steps=1, rounds=2, clients=3)
-    grid = Recording(client_app, 3)
+    grid = _recording_grid(inprocess_grid, 3)
     with _no_cyclic_gc():
         run_federation(grid, cfg, tmp_path / "run", progress=False)
         assert grid.updates
         alive = sum(ref() is not None for ref in grid.updates)
     assert alive == 0
+
+
+def test_updates_are_freed_under_flowers_own_round_loop_too(
+    task_identity: None, inprocess_grid: type
+) -> None:
+    """``Observed`` (so also the auditor) on any strategy, run by Flower's ``start``."""
+    cfg = task.RunConfig(mode="fedavg", batch_size=4, local_steps=1, rounds=2, clients=3)
+    grid = _recording_grid(inprocess_grid, 3)
+    strategy = Observed(FedAvg(min_available_nodes=3, fraction_evaluate=0.0))
+    with _no_cyclic_gc():
+        result = strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(task.initial_state(cfg, 10, (3, 32, 32))),
+            num_rounds=cfg.rounds,
+            train_config=ConfigRecord(cfg.to_config()),
+        )
+        assert grid.updates
+        alive = sum(ref() is not None for ref in grid.updates)
+    assert alive == 0
+    assert len(result.arrays) > 0  # the aggregate itself is whole
+
+
+def test_a_record_the_strategy_returns_is_kept() -> None:
+    msg, ref = _update_reply()
+    record = msg.content["arrays"]
+    release_arrays([msg], keep=record)
+    assert len(record) == 2 and ref() is not None
