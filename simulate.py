@@ -156,6 +156,8 @@ def embedded_data_dir(out: Path) -> Path:
     source = Path(precode_flower.__file__).resolve().parent / "embedded" / "cifar10_default.npz"
     target = out.resolve() / "data" / "cifar10" / "cifar10_subset.npz"
     target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() and not target.exists():
+        target.unlink()  # a link left by a checkout that has moved or gone: link anew
     if not target.exists():
         try:
             target.symlink_to(source)

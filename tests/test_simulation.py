@@ -71,6 +71,11 @@ def test_default_data_is_the_embedded_cifar10_linked_into_the_run(tmp_path, caps
     directory = simulate.embedded_data_dir(tmp_path / "run")
     assert directory == (tmp_path / "run" / "data").resolve()
     assert simulate.embedded_data_dir(tmp_path / "run") == directory  # idempotent
+    # A run dir linked from a checkout that has since gone (its link dangles) is relinked.
+    link = directory / "cifar10" / "cifar10_subset.npz"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone" / "cifar10_default.npz")
+    assert simulate.embedded_data_dir(tmp_path / "run") == directory
     assert len(data_mod.load("cifar10", directory).train) == 2000
     parser = simulate.build_parser()
     for argv, source in [
