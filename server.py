@@ -75,11 +75,15 @@ from precode_flower.defenses import DEFENSES, parse_defenses
 from precode_flower.models import MODELS
 from precode_flower.partition import SCHEMES
 from precode_flower.plotting import plot_accuracy
+from precode_flower.strategies import FedSGD, Observed, Observer, ReplyValidator, aggregate_metrics
+from precode_flower.strategies.arrays import arrays_view
+from precode_flower.strategies.auditor import (
+    add_audit_args,
+    audit_from_run_config,
+    audit_run_config,
+)
+from precode_flower.strategies.replies import collect_replies
 from precode_flower.training import EvalStats, evaluate
-from strategies import FedSGD, Observed, Observer, ReplyValidator, aggregate_metrics
-from strategies.arrays import arrays_view
-from strategies.auditor import add_audit_args, audit_from_run_config, audit_run_config
-from strategies.replies import collect_replies
 
 log = logging.getLogger("precode_flower.server")
 

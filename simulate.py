@@ -63,6 +63,12 @@ from typing import Any
 
 import precode_flower
 from precode_flower import heap, task
+from precode_flower.strategies.auditor import (
+    add_audit_args,
+    audit_from_args,
+    simulation_ground_truth,
+)
+from precode_flower.strategies.ray_transport import ACTOR_QUEUE_DEPTH
 from server import (
     OneLineParser,
     add_training_args,
@@ -70,8 +76,6 @@ from server import (
     config_from_args,
     out_dir_from_args,
 )
-from strategies.auditor import add_audit_args, audit_from_args, simulation_ground_truth
-from strategies.ray_transport import ACTOR_QUEUE_DEPTH
 
 LOOPBACK = {"127.0.0.1", "localhost"}
 
@@ -265,14 +269,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported after the flags are checked: Flower, Ray and torch take seconds to import.
     from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
-    from server import make_server_app
-    from strategies.ray_transport import (
+    from precode_flower.clients.client_app import app as client_app
+    from precode_flower.strategies.ray_transport import (
         SharedModelGrid,
         install_pipelined_actor_pool,
         install_prompt_feeder,
         install_reply_wakeup,
     )
+    from server import make_server_app
 
     install_prompt_feeder()  # clients start right after each push, not within 0.1 s
     install_reply_wakeup()  # the server waits for replies instead of polling for them

@@ -30,8 +30,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from precode_flower import heap, task
-from strategies.arrays import arrays_view
-from strategies.ray_transport import share_arrays
+from precode_flower.strategies.arrays import arrays_view
+from precode_flower.strategies.ray_transport import share_arrays
 
 app = ClientApp()
 

@@ -1,13 +1,14 @@
 """precode-flower's PyTorch core: PRECODE, models, data, attacks and metrics.
 
-Nothing in this package imports the Flower framework; the Flower glue lives in
-the top-level ``clients`` and ``strategies`` packages.
+Nothing in the core imports the Flower framework. The Flower glue is imported as
+``precode_flower.strategies`` and ``precode_flower.clients``; in the repository it lives
+beside the core, in ``strategies/`` and ``clients/`` (see :mod:`precode_flower._layout`).
 
 >>> import precode_flower
 >>> model = precode_flower.extend(precode_flower.models.build("mlp", 10, (3, 32, 32)))
 """
 
-from . import models
+from . import _layout, models
 from .precode import (
     ConvVariationalBottleneck,
     Precoded,
@@ -17,6 +18,8 @@ from .precode import (
     find_classifier,
     precode_loss,
 )
+
+_layout.install()
 
 __all__ = [
     "ConvVariationalBottleneck",

@@ -1,10 +1,12 @@
-"""Server-side Flower strategies: FedSGD, and the Observed wrapper for any strategy."""
+"""Server-side Flower glue (``precode_flower.strategies``): FedSGD, Observed, the Auditor."""
 
+from .auditor import Auditor
 from .fedsgd import FedSGD, aggregate_metrics
 from .observed import ClientReply, Observed, Observer, RoundContext, RoundRecord
 from .validation import ReplyValidator
 
 __all__ = [
+    "Auditor",
     "ClientReply",
     "FedSGD",
     "Observed",

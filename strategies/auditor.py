@@ -1,7 +1,7 @@
 """The honest-but-curious server auditor as Flower glue: attach it to any Message-API strategy.
 
     from flwr.serverapp.strategy import FedAvg
-    from strategies.auditor import Auditor
+    from precode_flower.strategies.auditor import Auditor
 
     strategy = Auditor(FedAvg(), attacks=["analytic", "ig"], clients=2, iterations=2000,
                        time_limit=120, out_dir="runs/demo")

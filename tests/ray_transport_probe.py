@@ -20,9 +20,9 @@ import ray  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
-from strategies import ray_transport  # noqa: E402
-from strategies.arrays import StoredArray, arrays_view, to_array_record  # noqa: E402
-from strategies.ray_transport import (  # noqa: E402
+from precode_flower.strategies import ray_transport  # noqa: E402
+from precode_flower.strategies.arrays import StoredArray, arrays_view, to_array_record  # noqa: E402
+from precode_flower.strategies.ray_transport import (  # noqa: E402
     SharedArrayRecord,
     share_arrays,
     share_message_arrays,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
 
-from strategies.arrays import (
+from precode_flower.strategies.arrays import (
     StoredArray,
     array_view,
     arrays_view,

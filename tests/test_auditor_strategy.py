@@ -16,12 +16,12 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from clients.client_app import app as client_app
 from precode_flower import task
 from precode_flower.attacks import ATTACKS, AttackResult, register
 from precode_flower.audit import LeakageAuditor
-from strategies import aggregate_metrics
-from strategies.auditor import AuditObserver, Auditor
+from precode_flower.clients.client_app import app as client_app
+from precode_flower.strategies import aggregate_metrics
+from precode_flower.strategies.auditor import AuditObserver, Auditor
 
 ROOT = Path(__file__).resolve().parents[1]
 

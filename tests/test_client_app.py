@@ -8,9 +8,9 @@ import torch
 from conftest import make_message
 from flwr.app import ArrayRecord, ConfigRecord, Context, MessageType, RecordDict
 
-from clients.client_app import app, evaluate, train
 from precode_flower import data as data_mod
 from precode_flower import task
+from precode_flower.clients.client_app import app, evaluate, train
 from precode_flower.training import compute_gradients
 
 SHAPE = (3, 32, 32)

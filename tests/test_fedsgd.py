@@ -18,11 +18,11 @@ from flwr.app import (
 )
 from flwr.serverapp.strategy import FedAvg
 
-from clients.client_app import app as client_app
 from precode_flower import task
-from strategies import FedSGD, Observed, ReplyValidator, RoundContext
-from strategies.arrays import StoredArray
-from strategies.validation import min_replies, norm_bound
+from precode_flower.clients.client_app import app as client_app
+from precode_flower.strategies import FedSGD, Observed, ReplyValidator, RoundContext
+from precode_flower.strategies.arrays import StoredArray
+from precode_flower.strategies.validation import min_replies, norm_bound
 
 W = np.arange(6, dtype=np.float32).reshape(2, 3)
 B = np.array([0.5, -0.5], dtype=np.float32)

@@ -19,8 +19,8 @@ from conftest import make_message
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from precode_flower.processes import session_pids, stop_sessions
-from strategies import ray_transport
-from strategies.arrays import to_array_record
+from precode_flower.strategies import ray_transport
+from precode_flower.strategies.arrays import to_array_record
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -24,13 +24,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
-from clients.client_app import app as client_app
 from precode_flower import task
 from precode_flower.attacks import ATTACKS, AttackResult, register
 from precode_flower.audit import LeakageAuditor
+from precode_flower.clients.client_app import app as client_app
+from precode_flower.strategies import Observed
+from precode_flower.strategies.auditor import AuditObserver
 from server import run_federation
-from strategies import Observed
-from strategies.auditor import AuditObserver
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = 2  # honest clients (partitions 0 and 1) in the bad-update round

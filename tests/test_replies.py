@@ -15,11 +15,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 from test_ray_transport import _FakeGrid
 
-from clients.client_app import app as client_app
 from precode_flower import task
-from strategies import Observed, ray_transport
-from strategies.arrays import arrays_view, to_array_record
-from strategies.replies import collect_replies, release_arrays
+from precode_flower.clients.client_app import app as client_app
+from precode_flower.strategies import Observed, ray_transport
+from precode_flower.strategies.arrays import arrays_view, to_array_record
+from precode_flower.strategies.replies import collect_replies, release_arrays
 
 
 def _push(grid, n: int) -> list[str]:
@@ -50,7 +50,7 @@ def test_collecting_stops_at_the_timeout_with_what_came() -> None:
 
 
 def test_a_grid_without_pull_interval_is_polled_at_flowers_pace(monkeypatch) -> None:
-    from strategies import replies
+    from precode_flower.strategies import replies
 
     grid = _FakeGrid(delay=0.05)
     del grid.pull_interval  # as Flower's gRPC grid

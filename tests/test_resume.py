@@ -14,7 +14,6 @@ import pytest
 import torch
 
 import simulate
-from clients.client_app import app as client_app
 from precode_flower import task
 from precode_flower.checkpoint import (
     CHECKPOINT_NAME,
@@ -23,6 +22,7 @@ from precode_flower.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from precode_flower.clients.client_app import app as client_app
 from precode_flower.processes import session_pids, stop_sessions
 from server import run_federation
 

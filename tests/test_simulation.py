@@ -16,11 +16,11 @@ import torch
 from flwr.app import ArrayRecord
 
 import simulate
-from clients.client_app import app as client_app
 from precode_flower import data, task
+from precode_flower.clients.client_app import app as client_app
 from precode_flower.processes import session_pids, stop_sessions
+from precode_flower.strategies import Observed
 from server import make_strategy, make_validator, run_federation, train_rounds
-from strategies import Observed
 
 REPO = Path(__file__).resolve().parents[1]
 ROUND_KEYS = {"round", "clients", "rejected", "failed", "train_loss", "test_accuracy", "seconds"}
