@@ -28,12 +28,22 @@ rather than a multiplier. Doing clipping and noise here, on tensors, gives one b
 for both modes, keeps the core free of Flower, and makes the noise seeded (reproducible
 runs). The mechanism is the same Gaussian mechanism those mods implement.
 
+A third point, **federation**, is Flower's: ``dp-server`` and ``dp-client`` are central
+differential privacy through Flower's own strategy wrappers and client mods
+(``precode_flower.strategies.privacy``; parameters in :class:`DpParams`), and ``secagg`` is
+Flower's SecAgg+ protocol (``precode_flower.strategies.secagg``). The core only names them;
+what they do and guarantee is documented there and in docs/PRIVACY.md.
+
+Presets (:data:`PRESETS`) are names for combinations (``dp-precode-early`` is
+``precode-early`` + ``dp-client``); :func:`parse_defenses` expands them.
+
 Adding a defense (e.g. a ``precode-early`` preset) means adding one :class:`Defense` to
 :data:`DEFENSES` in this module; nothing else needs to change.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,11 +55,17 @@ from .precode import extend
 
 __all__ = [
     "DEFENSES",
+    "DP_CLIPPING",
+    "DP_DEFENSES",
+    "PRESETS",
     "Defense",
     "DefenseParams",
+    "DpParams",
     "apply_model_defenses",
     "apply_update_defenses",
+    "check_federation_defenses",
     "clip_and_noise",
+    "dp_defense",
     "has_update_defense",
     "parse_defenses",
     "prune_smallest",
@@ -87,6 +103,53 @@ class DefenseParams:
             raise ValueError(f"prune-rate must be a fraction in [0, 1), got {self.prune_rate}")
 
 
+#: How ``dp-server`` / ``dp-client`` clip: one fixed norm, or Andrew et al.'s adaptive norm.
+DP_CLIPPING: tuple[str, ...] = ("fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class DpParams:
+    """Parameters of ``dp-server`` / ``dp-client`` (Flower's central DP wrappers).
+
+    Attributes:
+        noise_multiplier: z; the aggregate gets N(0, (z * C / n)^2) per entry, for n sampled
+            clients and clipping norm C (0: clipping only, no guarantee).
+        clip: C, the L2 bound of each client's update (adaptive: the initial bound).
+        clipping: ``fixed`` or ``adaptive``.
+        delta: the delta at which epsilon is reported.
+        quantile: adaptive: Flower's ``target_clipped_quantile`` (see docs/PRIVACY.md).
+        clip_lr: adaptive: the geometric learning rate of the bound.
+        count_stddev: adaptive: std of the noise on the clipped count (0: Flower's default,
+            sampled clients / 20).
+    """
+
+    noise_multiplier: float = 1.0
+    clip: float = 1.0
+    clipping: str = "fixed"
+    delta: float = 1e-5
+    quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_stddev: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
+            raise ValueError(f"dp-noise must be >= 0, got {self.noise_multiplier}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"dp-clip must be > 0, got {self.clip}")
+        if self.clipping not in DP_CLIPPING:
+            raise ValueError(
+                f"unknown dp-clipping {self.clipping!r}; choose one of: {', '.join(DP_CLIPPING)}"
+            )
+        if not 0.0 < self.delta < 1.0:
+            raise ValueError(f"dp-delta must be in (0, 1), got {self.delta}")
+        if not 0.0 <= self.quantile <= 1.0:
+            raise ValueError(f"dp-quantile must be in [0, 1], got {self.quantile}")
+        if not (math.isfinite(self.clip_lr) and self.clip_lr > 0):
+            raise ValueError(f"dp-clip-lr must be > 0, got {self.clip_lr}")
+        if not (math.isfinite(self.count_stddev) and self.count_stddev >= 0):
+            raise ValueError(f"dp-count-stddev must be >= 0 (0 = n/20), got {self.count_stddev}")
+
+
 ModelTransform = Callable[[nn.Module, DefenseParams, Sequence[int]], nn.Module]
 UpdateTransform = Callable[[dict[str, Tensor], DefenseParams, torch.Generator], dict[str, Tensor]]
 
@@ -99,6 +162,7 @@ class Defense:
     description: str
     model: ModelTransform | None = None
     update: UpdateTransform | None = None
+    federation: bool = False  # acts in the Flower federation (strategies/privacy, secagg)
 
 
 def clip_and_noise(
@@ -222,32 +286,96 @@ DEFENSES: dict[str, Defense] = {
             "(convnet, resnet18; 8 latent channels, beta 1e-5, initial std 0.69)",
             model=_precode_early,
         ),
+        Defense(
+            "dp-server",
+            "central DP, Flower's server-side clipping wrapper: the server clips each update "
+            "to dp-clip and noises the aggregate (z = dp-noise); epsilon per round",
+            federation=True,
+        ),
+        Defense(
+            "dp-client",
+            "central DP, Flower's client-side clipping wrapper + clipping mod: each client "
+            "clips its update, the server noises the aggregate; epsilon per round",
+            federation=True,
+        ),
+        Defense(
+            "secagg",
+            "Flower's SecAgg+ secure aggregation: the server only ever sees the sum",
+            federation=True,
+        ),
     )
+}
+
+#: The central DP defenses (at most one per run).
+DP_DEFENSES: tuple[str, ...] = ("dp-server", "dp-client")
+
+#: Named combinations. DP beside secure aggregation must clip on the clients (the server
+#: never sees an individual update to clip), and the DP + ``precode-early`` preset clips
+#: there too, so that both DP presets run the same mechanism.
+PRESETS: dict[str, tuple[str, ...]] = {
+    "dp-precode-early": ("precode-early", "dp-client"),
+    "dp-secagg": ("dp-client", "secagg"),
+    "precode-early-secagg": ("precode-early", "secagg"),
 }
 
 
 def parse_defenses(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     """Canonical defense names from a comma list or a sequence of (comma lists of) names.
 
-    Names are case-insensitive; duplicates are dropped; the result is in registry order.
-    ``"none"`` (or an empty spec) means no defense and cannot be combined with others.
+    Names are case-insensitive; presets (:data:`PRESETS`) expand to their parts; duplicates
+    are dropped; the result is in registry order. ``"none"`` (or an empty spec) means no
+    defense and cannot be combined with others.
 
     Raises:
-        ValueError: for an unknown name, naming the valid choices.
+        ValueError: for an unknown name, naming the valid choices, or both DP defenses.
     """
     if spec is None:
         return ()
     parts = [spec] if isinstance(spec, str) else list(spec)
     names = {n.strip().lower() for p in parts for n in str(p).split(",") if n.strip()}
-    unknown = sorted(names - DEFENSES.keys())
+    unknown = sorted(names - DEFENSES.keys() - PRESETS.keys())
     if unknown:
         raise ValueError(
             f"unknown defense {', '.join(map(repr, unknown))}; "
-            f"choose from: {', '.join(DEFENSES)} (comma-separated to combine)"
+            f"choose from: {', '.join([*DEFENSES, *PRESETS])} (comma-separated to combine)"
         )
     if "none" in names and len(names) > 1:
         raise ValueError("defense 'none' cannot be combined with other defenses")
+    names = {m for n in names for m in PRESETS.get(n, (n,))}
+    if all(d in names for d in DP_DEFENSES):
+        raise ValueError("choose one of dp-server and dp-client, not both")
     return tuple(n for n in DEFENSES if n in names and n != "none")
+
+
+def check_federation_defenses(defenses: Sequence[str], mode: str, model: str) -> None:
+    """Raise ValueError (one line, naming the problem) for federation defenses that cannot
+    work in this run: Flower's DP wrappers and mods clip the difference between a reply and
+    the global model it answers, so they need FedAvg weight replies (a FedSGD reply is a
+    gradient: use ``noise``), and they clip and noise every array of the record, so the
+    model must have no integer buffers (resnet18's BatchNorm counters); a server that
+    only sees the SecAgg+ sum cannot clip individual updates (``dp-server``)."""
+    names = parse_defenses(defenses)
+    dp = next((n for n in names if n in DP_DEFENSES), None)
+    if dp and mode != "fedavg":
+        raise ValueError(
+            f"{dp} needs mode fedavg: Flower's DP wrappers clip reply - global model, and a "
+            "FedSGD reply is a gradient (use the 'noise' defense for FedSGD)"
+        )
+    if dp and model == "resnet18":
+        raise ValueError(
+            f"{dp} needs a model without BatchNorm buffers (mlp, convnet): Flower's DP "
+            "wrappers clip and noise every array, integer counters included"
+        )
+    if dp == "dp-server" and "secagg" in names:
+        raise ValueError(
+            "dp-server cannot run with secagg: the server never sees an update to clip; "
+            "use dp-client (preset dp-secagg)"
+        )
+
+
+def dp_defense(defenses: Sequence[str]) -> str | None:
+    """``"dp-server"``, ``"dp-client"`` or None: the central DP defense among ``defenses``."""
+    return next((n for n in parse_defenses(defenses) if n in DP_DEFENSES), None)
 
 
 def apply_model_defenses(

@@ -45,8 +45,10 @@ from torch import Tensor, nn
 from . import data as data_mod
 from .defenses import (
     DefenseParams,
+    DpParams,
     apply_model_defenses,
     apply_update_defenses,
+    check_federation_defenses,
     has_update_defense,
     parse_defenses,
 )
@@ -106,6 +108,14 @@ class RunConfig:
     clip: float = 1.0
     sigma: float = 0.01
     prune_rate: float = 0.9
+    # dp-server / dp-client (precode_flower.defenses.DpParams; Flower's DP wrappers).
+    dp_noise: float = 1.0
+    dp_clip: float = 1.0
+    dp_clipping: str = "fixed"
+    dp_delta: float = 1e-5
+    dp_quantile: float = 0.5
+    dp_clip_lr: float = 0.2
+    dp_count_stddev: float = 0.0
     batch_size: int = 32
     local_epochs: float = 1.0
     local_steps: int = 0  # > 0 overrides local_epochs (FedAvg)
@@ -148,6 +158,9 @@ class RunConfig:
         set_("dataset", dataset)
         set_("defenses", parse_defenses(self.defenses))
         _ = self.defense_params  # validates latent-dim, beta, clip, sigma, prune-rate
+        set_("dp_clipping", str(self.dp_clipping).strip().lower())
+        _ = self.dp_params  # validates the dp-* keys
+        check_federation_defenses(self.defenses, self.mode, self.model)
         for name in ("batch_size", "rounds", "clients", "classes_per_client", "min_replies"):
             if getattr(self, name) < 1:
                 raise ValueError(
@@ -181,6 +194,18 @@ class RunConfig:
     @property
     def defense_params(self) -> DefenseParams:
         return DefenseParams(self.latent_dim, self.beta, self.clip, self.sigma, self.prune_rate)
+
+    @property
+    def dp_params(self) -> DpParams:
+        return DpParams(
+            noise_multiplier=self.dp_noise,
+            clip=self.dp_clip,
+            clipping=self.dp_clipping,
+            delta=self.dp_delta,
+            quantile=self.dp_quantile,
+            clip_lr=self.dp_clip_lr,
+            count_stddev=self.dp_count_stddev,
+        )
 
     def to_config(self) -> dict[str, bool | int | float | str]:
         """The config as flat hyphenated key -> scalar (a valid Flower ConfigRecord/UserConfig)."""
