@@ -14,6 +14,10 @@ Messages (Flower 1.42 Message API):
 - evaluate: same content; reply ``{"metrics": MetricRecord}`` with ``num-examples``,
   ``eval-loss``, ``eval-accuracy``, ``partition-id`` on the client's test share.
 
+Mods: SecAgg+ train messages (``--secagg``) go through Flower's ``secaggplus_mod``
+(:mod:`precode_flower.strategies.secagg`), and in ``dp-client`` runs the reply through
+Flower's clipping mod (:mod:`precode_flower.strategies.privacy`); other messages pass.
+
 Node-local settings come from ``context.node_config``: ``partition-id`` and
 ``num-partitions`` (set by the simulation engine, or ``--node-config`` of
 ``flower-supernode``) and optionally ``data-dir`` (overrides the run's ``data-dir``).
@@ -31,9 +35,13 @@ from flwr.clientapp import ClientApp
 
 from precode_flower import heap, task
 from precode_flower.strategies.arrays import arrays_view
+from precode_flower.strategies.privacy import dp_client_mod
 from precode_flower.strategies.ray_transport import share_arrays
+from precode_flower.strategies.secagg import secagg_client_mod
 
-app = ClientApp()
+# Flower's SecAgg+ mod (SecAgg+ messages only) outside Flower's DP clipping mods (dp-client
+# runs only), so that a client clips its update before SecAgg+ masks it.
+app = ClientApp(mods=[secagg_client_mod, dp_client_mod])
 
 
 def _node_settings(context: Context) -> tuple[int, int, str | None]:

@@ -148,8 +148,10 @@ class PrivateStrategy(Strategy):
     (a FedAvg weighting by :data:`DP_WEIGHT_KEY`), with uniform weights and accounting.
 
     ``num_sampled_clients``: the clients each round samples (the wrappers calibrate to it);
-    ``population``: all clients (the accountant's population). :attr:`reports` holds each
-    round's :class:`PrivacyReport`.
+    ``population``: all clients (the accountant's population). ``secagg``: each round
+    aggregates one reply, the SecAgg+ sum built by the server
+    (:func:`~strategies.secagg.secagg_train_round`), whose ``clients`` metric counts the
+    clients behind it. :attr:`reports` holds each round's :class:`PrivacyReport`.
     """
 
     def __init__(
@@ -160,6 +162,7 @@ class PrivateStrategy(Strategy):
         *,
         num_sampled_clients: int,
         population: int,
+        secagg: bool = False,
     ) -> None:
         if defense not in ("dp-server", "dp-client"):
             raise ValueError(f"not a DP defense: {defense!r}")
@@ -169,6 +172,7 @@ class PrivateStrategy(Strategy):
         self.defense = defense
         self.params = params
         self.num_sampled_clients = num_sampled_clients
+        self.secagg = secagg
         server_side = defense == "dp-server"
         z, n = params.noise_multiplier, num_sampled_clients
         if params.clipping == "fixed":
@@ -227,9 +231,12 @@ class PrivateStrategy(Strategy):
                     record[DP_WEIGHT_KEY] = 1  # the server's choice, whatever a client sent
         clipping_norm = float(self.dp.clipping_norm)  # before the adaptive update
         update_multiplier = float(self.dp.noise_multiplier)
+        aggregated = len(replies)
+        if self.secagg and len(replies) == 1:
+            aggregated = int(replies[0].content["metrics"].get("clients", 1))
         arrays, metrics = self.dp.aggregate_train(server_round, replies)
         if arrays is not None:
-            self._account(server_round, update_multiplier, clipping_norm, len(replies))
+            self._account(server_round, update_multiplier, clipping_norm, aggregated)
         return arrays, metrics
 
     def _account(self, server_round: int, z_update: float, clip: float, aggregated: int) -> None:

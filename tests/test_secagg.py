@@ -1,0 +1,128 @@
+"""--secagg: Flower's SecAgg+ workflow and mod; the server and its observers see only the sum."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp.strategy import FedAvg
+
+from precode_flower import data as data_mod
+from precode_flower import task
+from precode_flower.clients.client_app import app as client_app
+from precode_flower.strategies import Observed
+from precode_flower.strategies.arrays import arrays_view
+from precode_flower.strategies.replies import collect_replies
+from precode_flower.strategies.secagg import (
+    AGGREGATE_KEY,
+    secagg_max_weight,
+    secagg_train_round,
+)
+from tests.conftest import InProcessGrid
+
+
+class CopyingGrid(InProcessGrid):
+    """Each node gets its own copy of a message, as over a real transport (Flower's SecAgg+
+    stages send one shared content to every node, and its client mod edits what it gets)."""
+
+    def push_messages(self, messages):
+        from flwr.app import Message
+
+        # The copies share the originals' metadata, so the originals get the ids too.
+        copies = [Message(content=copy.deepcopy(m.content), metadata=m.metadata) for m in messages]
+        return super().push_messages(copies)
+
+
+CFG = task.RunConfig(clients=3, rounds=2, batch_size=16, local_steps=2, audit_ground_truth=True)
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.rounds: list = []
+
+    def observe(self, context, replies) -> None:
+        self.rounds.append((context, replies))
+
+    def close(self) -> None:
+        pass
+
+
+def _global(cfg: task.RunConfig) -> ArrayRecord:
+    bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
+    model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=cfg.seed)
+    return ArrayRecord(model.state_dict())
+
+
+def _plain_round(grid, arrays, cfg, server_round):
+    observed = Observed(FedAvg(min_available_nodes=cfg.clients), sort_replies=True)
+    messages = observed.configure_train(server_round, arrays, ConfigRecord(cfg.to_config()), grid)
+    replies = collect_replies(grid, list(grid.push_messages(messages)), 30.0)
+    new, _ = observed.aggregate_train(server_round, replies)
+    return new
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_secagg_sum_equals_fedavg_and_observers_see_only_the_aggregate(inprocess_grid) -> None:
+    seen = _Seen()
+    observed = Observed(FedAvg(min_available_nodes=CFG.clients), [seen])
+    grid = CopyingGrid(client_app, 3)
+    plain_grid = CopyingGrid(client_app, 3)
+    arrays = _global(CFG)
+    step = 16 / 2**22  # SecAgg+'s quantisation step over [-8, 8]
+    for server_round in (1, 2):
+        expected = _plain_round(plain_grid, arrays, CFG, server_round)
+        new = secagg_train_round(
+            observed,
+            grid,
+            arrays,
+            ConfigRecord(CFG.to_config()),
+            server_round,
+            timeout=30.0,
+            max_weight=secagg_max_weight(CFG),
+        )
+        assert new is not None and list(new.keys()) == list(expected.keys())
+        got, want = arrays_view(new), arrays_view(expected)
+        worst = max(float(np.abs(got[k] - want[k]).max()) for k in want)
+        assert 0 < worst < 3 * step  # quantised, and within the quantisation
+        rec = observed.record(server_round)
+        assert (rec.sent, rec.clients, rec.dropped) == (3, 3, 0)
+        arrays = new
+    # The SecAgg+ stages ran: the clients never got a plain train message.
+    stages = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert len(stages) == 2 * 4 * 3 and all("arrays" not in m.content for m in stages)
+    # Observers got one reply per round: the aggregate of all three clients' examples.
+    for _, replies in seen.rounds:
+        [reply] = replies
+        assert reply.metrics[AGGREGATE_KEY] == 1 and reply.metrics["clients"] == 3
+        sizes = [len(task.train_indices(CFG, p, 3)) for p in range(3)]
+        assert reply.num_examples == sum(sizes)
+        assert len(reply.metrics["batch-indices"]) == CFG.local_steps * CFG.batch_size * 3
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_silent_client_costs_its_reply_not_the_round(inprocess_grid) -> None:
+    """Node 103 never answers the masked-vector stage: SecAgg+ unmasks the other two."""
+    state = {"n": 0}
+
+    def silent_in_stage_2(reply):
+        state["n"] += 1
+        return None if state["n"] == 3 else reply  # its 3rd train message is stage 2
+
+    seen = _Seen()
+    observed = Observed(FedAvg(min_available_nodes=3), [seen])
+    grid = CopyingGrid(client_app, 3, faulty={103: silent_in_stage_2})
+    new = secagg_train_round(
+        observed,
+        grid,
+        _global(CFG),
+        ConfigRecord(CFG.to_config()),
+        1,
+        timeout=5.0,
+        max_weight=secagg_max_weight(CFG),
+    )
+    assert new is not None
+    rec = observed.record(1)
+    assert (rec.clients, rec.dropped) == (2, 1)
+    assert seen.rounds[0][1][0].metrics["clients"] == 2
