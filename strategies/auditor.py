@@ -231,6 +231,12 @@ class AuditObserver(Observer):
         batch = int(config.get("batch-size", 0) or 0)
         lr = config.get("lr")
         steps = 1
+        aggregate = _is_aggregate(reply)
+        if aggregate and spec.kind == "weights":
+            # The SecAgg+ mean of m clients' local training, attacked as one client that
+            # trained on all their examples with m times the batch (FedSGD: exactly the
+            # gradient of their union batch).
+            batch *= max(1, int(reply.metrics.get("clients", 1)))
         if spec.kind == "gradients":
             update = dict(reply.arrays)
             examples = reply.num_examples or batch or 1
@@ -268,6 +274,7 @@ class AuditObserver(Observer):
             global_state=context.global_arrays,
             ground_truth=truth,
             defense=spec.defense,
+            aggregate_only=aggregate,
         )
 
     def _ground_truth(
@@ -286,12 +293,22 @@ class AuditObserver(Observer):
                 self._warned_channel = True
             return None
         indices = reply.metrics.get(INDICES_KEY)
-        if indices is None or spec.cfg is None or reply.partition_id is None:
+        aggregate = _is_aggregate(reply)
+        if indices is None or spec.cfg is None or (reply.partition_id is None and not aggregate):
             return None
         idx = np.asarray(list(indices), dtype=np.int64)
         if spec.kind == "weights":  # every local step's batch: each example once
             _, first = np.unique(idx, return_index=True)
             idx = idx[np.sort(first)]
+        if aggregate:  # the sum's examples, of every client: straight from the train split
+            train = data_mod.load(spec.cfg.dataset, spec.cfg.data_dir or None).train_split
+            bad = ValueError(f"reported {INDICES_KEY} are not in the train split")
+            if len(idx) == 0 or idx.min() < 0:
+                raise bad
+            try:
+                return train.rows(idx)
+            except IndexError:
+                raise bad from None
         # The clients' own partitioning: the reported indices must be the client's examples.
         cfg = spec.cfg
         part = task.client_data(cfg, reply.partition_id, cfg.clients)
@@ -313,9 +330,18 @@ class AuditObserver(Observer):
         return part.x_train[where], part.y_train[where]
 
 
-def _client_id(reply: ClientReply) -> int:
-    """The partition id where the client reports it (stable across rounds), else the node id."""
+def _client_id(reply: ClientReply) -> int | str:
+    """The partition id where the client reports it (stable across rounds), else the node
+    id; ``"aggregate"`` for a SecAgg+ round's sum."""
+    if _is_aggregate(reply):
+        return "aggregate"
     return reply.partition_id if reply.partition_id is not None else reply.node_id
+
+
+def _is_aggregate(reply: ClientReply) -> bool:
+    """Whether ``reply`` is a SecAgg+ sum (:data:`strategies.secagg.AGGREGATE_KEY`), which
+    only the server builds: clients' replies never reach observers in a SecAgg+ round."""
+    return bool(reply.metrics.get("aggregate-only")) and reply.node_id == 0
 
 
 class Auditor(Observed):

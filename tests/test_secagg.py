@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -126,3 +127,31 @@ def test_a_silent_client_costs_its_reply_not_the_round(inprocess_grid) -> None:
     rec = observed.record(1)
     assert (rec.clients, rec.dropped) == (2, 1)
     assert seen.rounds[0][1][0].metrics["clients"] == 2
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_the_auditor_attacks_only_the_aggregate_and_says_so(tmp_path) -> None:
+    from precode_flower.audit import LeakageAuditor
+    from precode_flower.strategies.auditor import AuditObserver
+
+    cfg = task.RunConfig(mode="fedsgd", batch_size=1, rounds=1, clients=3, audit_ground_truth=True)
+    auditor = LeakageAuditor(tmp_path, ["analytic"], progress=False)
+    observer = AuditObserver(auditor, ground_truth=True)
+    observed = Observed(FedAvg(min_available_nodes=3), [observer])
+    new = secagg_train_round(
+        observed,
+        CopyingGrid(client_app, 3),
+        _global(cfg),
+        ConfigRecord(cfg.to_config()),
+        1,
+        timeout=30.0,
+        max_weight=secagg_max_weight(cfg),
+    )
+    observer.close()
+    assert new is not None
+    rows = [json.loads(line) for line in (tmp_path / "leakage.jsonl").read_text().splitlines()]
+    # One update per round: the sum of three batch-1 gradients, a batch of 3.
+    [row] = rows
+    assert row["aggregate_only"] is True and row["client"] == "aggregate"
+    assert row["batch_size"] == 3 and row["status"] == "ok"
+    assert "individual updates were never visible" in observer.summary

@@ -246,6 +246,8 @@ class LeakageAuditor:
                     "kind": job.kind,
                     "batch_size": int(job.batch_size),
                 }
+                if job.aggregate_only:  # a SecAgg+ sum: no individual update was visible
+                    meta["aggregate_only"] = True
                 if meta["defense"] not in self._defenses:
                     self._defenses.append(meta["defense"])
                 if self._closing or len(self._jobs) >= self.max_pending:

@@ -38,6 +38,8 @@ class AuditJob:
         ground_truth: the client's (x, y) behind the update, only from an explicit evaluation
             channel; None in deployment (then nothing can be scored).
         defense: the configured defense, for the verdict (``"none"``, ``"precode"``, ...).
+        aggregate_only: the update is a secure-aggregation sum of several clients' updates
+            (the server never saw theirs), attacked as one large batch; rows say so.
     """
 
     round: int
@@ -55,6 +57,7 @@ class AuditJob:
     global_state: Mapping[str, Tensor | np.ndarray] | None = None
     ground_truth: tuple[Tensor, Tensor] | None = None
     defense: str = "none"
+    aggregate_only: bool = False
 
 
 def task_seed(seed: int, round: int, client: int | str, attack: str) -> int:

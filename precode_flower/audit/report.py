@@ -185,6 +185,13 @@ def summarize(
             "No ground truth (deployment, or the evaluation channel was off): "
             "scores are unavailable; the reference-free evidence is shown."
         )
+    if any(r.get("aggregate_only") for r in rows):
+        out.append(
+            "Secure aggregation (SecAgg+): the server saw only each round's sum of the "
+            "clients' updates; individual updates were never visible. Rows marked "
+            "`aggregate_only` attack that sum as one large-batch update of all its clients' "
+            "examples together."
+        )
     out += ["", "## Verdict", ""]
     out += [f"- {line}" for line in verdicts(rows, attacks, defenses, success_ssim, recon_dir)]
     out += [
