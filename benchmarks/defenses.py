@@ -71,7 +71,12 @@ class DefenseSpec:
     sigma: float | None = None
     prune_rate: float | None = None
     models: tuple[str, ...] | None = None  # None: every model
+    dp_noise: float | None = None  # dp-server / dp-client: noise multiplier z
+    dp_clip: float | None = None  # dp: clipping norm C
+    modes: tuple[str, ...] | None = None  # None: every mode
 
+
+_DP_ONLY: dict[str, Any] = {"models": ("mlp", "convnet"), "modes": ("fedavg",)}
 
 #: Grid defenses by id (the id is the label in tables and the value of --defenses).
 DEFENSES: dict[str, DefenseSpec] = {
@@ -87,6 +92,16 @@ DEFENSES: dict[str, DefenseSpec] = {
     "precode+prune-90": DefenseSpec("precode,prune", prune_rate=0.9),
     "noise-1e-2+prune-90": DefenseSpec("noise,prune", sigma=1e-2, prune_rate=0.9),
     "precode-early": DefenseSpec("precode-early", models=("convnet", "resnet18")),
+    # Central DP through Flower's wrappers (FedAvg weight replies, models without BatchNorm),
+    # secure aggregation (the audit sees only the sum), and the combinations.
+    "dp-server": DefenseSpec("dp-server", dp_noise=1.0, dp_clip=1.0, **_DP_ONLY),
+    "dp-client": DefenseSpec("dp-client", dp_noise=1.0, dp_clip=1.0, **_DP_ONLY),
+    "dp-precode-early": DefenseSpec(
+        "dp-precode-early", dp_noise=1.0, dp_clip=1.0, models=("convnet",), modes=("fedavg",)
+    ),
+    "secagg": DefenseSpec("secagg"),
+    "dp-secagg": DefenseSpec("dp-secagg", dp_noise=1.0, dp_clip=1.0, **_DP_ONLY),
+    "precode-early-secagg": DefenseSpec("precode-early-secagg", models=("convnet", "resnet18")),
 }
 
 
@@ -212,11 +227,13 @@ class Experiment:
             "defenses": spec.names,
             "sigma": spec.sigma,
             "prune_rate": spec.prune_rate,
+            # Only DP settings carry these: other configurations keep their hashes.
+            **({"dp_noise": spec.dp_noise, "dp_clip": spec.dp_clip} if spec.dp_noise else {}),
             "mode": self.mode,
             "batch_size": self.batch_size,
             "attacks": list(self.attacks()),
             # A preset's description names its parameters: changing them changes the hash.
-            "described": [registry_description(n) for n in spec.names.split(",")],
+            "described": [registry_description(n) for n in _parts(spec.names)],
             # The filter's effect is the attack list above; unset it leaves old hashes alone.
             **{k: v for k, v in asdict(self.budget).items() if k != "attack_filter"},
         }
@@ -281,7 +298,18 @@ class Experiment:
             args += ["--sigma", str(spec.sigma)]
         if spec.prune_rate is not None:
             args += ["--prune-rate", str(spec.prune_rate)]
+        if spec.dp_noise is not None:
+            args += ["--dp-noise", str(spec.dp_noise)]
+        if spec.dp_clip is not None:
+            args += ["--dp-clip", str(spec.dp_clip)]
         return args
+
+
+def _parts(names: str) -> list[str]:
+    """Registry names of a comma list, presets expanded (their parts are described)."""
+    from precode_flower.defenses import PRESETS
+
+    return [m for n in names.split(",") for m in PRESETS.get(n, (n,))]
 
 
 def registry_description(name: str) -> str:
@@ -327,6 +355,8 @@ def grid(
     for d, m, f, mode, b in cells:
         spec = DEFENSES[f]
         if spec.models is not None and m not in spec.models:
+            continue
+        if spec.modes is not None and mode not in spec.modes:
             continue
         out.append(Experiment(d, m, f, mode, b, budget))
     return out
@@ -392,6 +422,10 @@ def collect(exp: Experiment, run_dir: Path, wall: float) -> dict[str, Any]:
         "seconds_per_round": statistics.median(seconds[1:] or seconds),
         "attacks": {a: attack_stats(leakage, a) for a in exp.attacks()},
         "audited": sorted({(int(r["round"]), str(r["client"])) for r in leakage}),
+        "aggregate_only": any(r.get("aggregate_only") for r in leakage),
+        # DP runs: the epsilon spent over the whole run (at the run's delta), Flower's RDP.
+        "epsilon": (summary.get("privacy") or {}).get("epsilon"),
+        "delta": (summary.get("privacy") or {}).get("delta"),
         "data_source": summary.get("data_source"),
     }
 
@@ -509,7 +543,9 @@ def group_table(
         gain = base_acc - base["initial_accuracy"]
         if gain >= MIN_GAIN:
             target = base["initial_accuracy"] + TARGET_FRACTION * gain
-    head = "| defense | final acc. | vs none (points) | rounds / s to target | s per round | "
+    head = (
+        "| defense | final acc. | vs none (points) | \u03b5 | rounds / s to target | s per round | "
+    )
     head += "".join(f"{a} | " for a in attacks) + "broken by |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     points = []
@@ -525,8 +561,12 @@ def group_table(
         broken = [a for a, s in r["attacks"].items() if s.get("success_rate")]
         verdict = ", ".join(broken) or ("none" if r["attacks"] else "not audited")
         cells = [_cell(r["attacks"].get(a)) for a in attacks]
+        eps = r.get("epsilon")
+        eps_text = "-" if eps is None else f"{eps:.3g}"
+        if r.get("aggregate_only"):
+            eps_text += " (sum only)"
         lines.append(
-            f"| {r['config']['defense']} | {acc:.3f} | {delta} | {reach_text} | "
+            f"| {r['config']['defense']} | {acc:.3f} | {delta} | {eps_text} | {reach_text} | "
             f"{r['seconds_per_round']:.1f} | " + "".join(f"{c} | " for c in cells) + f"{verdict} |"
         )
         best = strongest(r)
@@ -538,6 +578,7 @@ def group_table(
                 "success": best[1]["success_rate"] if best else None,
                 "psnr": best[1]["psnr"] if best else None,
                 "attack": best[0] if best else None,
+                "epsilon": r.get("epsilon"),
             }
         )
     return lines, points
@@ -617,7 +658,9 @@ def report(
         "Cells per attack: updates reconstructed (SSIM >= 0.6) / updates audited · mean PSNR "
         "(dB, 200 = exact) · mean SSIM. `n/a`: the attack does not apply (analytic needs a "
         "Linear layer on the raw image; ignore-bottleneck a PRECODE bottleneck; fedavg FedAvg "
-        "mode). Target: "
+        "mode). \u03b5: the run's client-level epsilon at delta 1e-5 (Flower's RDP accountant; "
+        "`-` without DP); `(sum only)`: SecAgg+, the audit saw only each round's aggregate. "
+        "Target: "
         f"the initial accuracy plus {TARGET_FRACTION:.0%} of what `none` gained in the same "
         f"setting (`-` when `none` gained less than {100 * MIN_GAIN:.0f} points); its seconds "
         "count from the start of round 1, which includes starting Ray and the clients. Seconds "

@@ -218,7 +218,8 @@ def plot_privacy_utility(
     Each point is a mapping with ``panel`` (the setting, e.g. ``"mnist convnet fedsgd B=1"``),
     ``label`` (the defense), ``accuracy`` (final test accuracy), ``success`` (fraction of
     audited updates the strongest attack reconstructed, SSIM >= ``success_ssim``) and
-    ``psnr`` (that attack's mean PSNR in dB); ``attack`` (its name) is added to the label.
+    ``psnr`` (that attack's mean PSNR in dB); ``attack`` (its name) and, for DP runs,
+    ``epsilon`` (the budget spent) are added to the label.
     Points missing a value are left out of that panel. PSNR above :data:`PSNR_AXIS_CAP` is
     drawn at the cap with an upward triangle. The same defense has the same colour everywhere.
     """
@@ -247,6 +248,8 @@ def plot_privacy_utility(
                     x, float(acc), color=colors[str(p["label"])], marker=marker, s=40, zorder=3
                 )
                 text = str(p["label"]) + (f" ({p['attack']})" if p.get("attack") else "")
+                if p.get("epsilon") is not None:  # DP runs: the privacy budget spent
+                    text += f", \u03b5={float(p['epsilon']):.3g}"
                 ax.annotate(
                     text, (x, float(acc)), fontsize=7, xytext=(4, 3), textcoords="offset points"
                 )

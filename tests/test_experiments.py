@@ -101,9 +101,9 @@ def test_group_table_rows_deltas_and_target() -> None:
     lines, points = runner.group_table(("mnist", "mlp", "fedsgd", 1), results)
     head, _, none, precode = lines
     assert head.count("|") == none.count("|") == precode.count("|")
-    assert "| none | 0.800 | +0.0 | 2 / 10 |" in none
+    assert "| none | 0.800 | +0.0 | - | 2 / 10 |" in none  # - : no epsilon without DP
     # Target: 0.1 + 0.9 * (0.8 - 0.1) = 0.73, reached in round 2 (after 10 s).
-    assert "| precode | 0.750 | -5.0 | 2 / 10 |" in precode
+    assert "| precode | 0.750 | -5.0 | - | 2 / 10 |" in precode
     assert "2/2 · 200.0 · 1.00" in none and none.endswith("| analytic, ig |")
     assert precode.endswith("| analytic |")
     assert points[1] == {
@@ -113,7 +113,31 @@ def test_group_table_rows_deltas_and_target() -> None:
         "success": 1.0,
         "psnr": 200.0,
         "attack": "analytic",
+        "epsilon": None,
     }
+
+
+def test_dp_and_secagg_presets_enter_the_grid_with_their_epsilon() -> None:
+    exps = runner.grid(
+        runner.PROFILES["quick"],
+        datasets=["mnist"],
+        defenses=["dp-server", "dp-precode-early", "dp-secagg", "precode-early-secagg"],
+    )
+    cells = {(e.model, e.defense, e.mode) for e in exps}
+    # DP needs FedAvg weight replies; precode-early a CNN.
+    assert ("mlp", "dp-server", "fedavg") in cells and ("mlp", "dp-server", "fedsgd") not in cells
+    assert ("convnet", "dp-precode-early", "fedavg") in cells
+    assert not any(d == "precode-early-secagg" and m == "mlp" for m, d, _ in cells)
+    dp = next(e for e in exps if e.defense == "dp-secagg")
+    args = dp.simulate_args(Path("/tmp/x"), "cpu")
+    assert args[args.index("--defense") + 1] == "dp-secagg"
+    assert args[args.index("--dp-noise") + 1] == "1.0"
+    assert dp.settings()["dp_noise"] == 1.0
+    assert "dp_noise" not in _exp().settings()  # other configurations keep their hashes
+    result = _result("dp-server", [0.5, 0.7], {"ig": _stats(0.0)})
+    result["epsilon"] = 12.5
+    lines, points = runner.group_table(("mnist", "mlp", "fedavg", 1), [result])
+    assert "| dp-server | 0.700 | - | 12.5 |" in lines[2] and points[0]["epsilon"] == 12.5
 
 
 def test_no_target_when_the_undefended_run_did_not_learn() -> None:
