@@ -8,7 +8,7 @@ from pathlib import Path
 from precode_flower import checkpoint as ckpt_mod
 from precode_flower import data as data_mod
 from precode_flower import task
-from precode_flower.defenses import DEFENSES, parse_defenses
+from precode_flower.defenses import DEFENSES, DP_CLIPPING, PRESETS, parse_defenses
 from precode_flower.models import MODELS
 from precode_flower.partition import SCHEMES
 
@@ -60,7 +60,7 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_clients: int) 
         action="append",
         type=_defense_list,
         metavar="NAME[,NAME]",
-        help=f"repeatable or comma list; one of: {', '.join(DEFENSES)} (default: none)",
+        help=f"repeatable or comma list of: {', '.join([*DEFENSES, *PRESETS])} (default none)",
     )
     g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
     g.add_argument("--local-epochs", type=float, default=d.local_epochs, help="FedAvg local epochs")
@@ -95,6 +95,34 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_clients: int) 
         "--latent-dim", type=_positive_int, default=d.latent_dim, help="PRECODE latent size"
     )
     g.add_argument("--beta", type=float, default=d.beta, help="PRECODE KL weight")
+    p = parser.add_argument_group(
+        "privacy (dp-server / dp-client: Flower's DP wrappers; --secagg: SecAgg+; docs/PRIVACY.md)"
+    )
+    p.add_argument(
+        "--secagg",
+        action="store_true",
+        help="train with Flower's SecAgg+ secure aggregation (same as --defense secagg)",
+    )
+    p.add_argument("--dp-noise", type=float, default=d.dp_noise, help="DP noise multiplier z")
+    p.add_argument(
+        "--dp-clip", type=float, default=d.dp_clip, help="DP clipping norm C (adaptive: initial)"
+    )
+    p.add_argument(
+        "--dp-clipping", type=lower, choices=DP_CLIPPING, default=d.dp_clipping, help="DP clipping"
+    )
+    p.add_argument(
+        "--dp-delta", type=float, default=d.dp_delta, help="delta at which epsilon is reported"
+    )
+    p.add_argument(
+        "--dp-quantile", type=float, default=d.dp_quantile, help="adaptive: target quantile"
+    )
+    p.add_argument("--dp-clip-lr", type=float, default=d.dp_clip_lr, help="adaptive: clip norm lr")
+    p.add_argument(
+        "--dp-count-stddev",
+        type=float,
+        default=d.dp_count_stddev,
+        help="adaptive: std of the clipped-count noise (0: Flower's clients / 20)",
+    )
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument(
         "--audit-ground-truth",
@@ -146,12 +174,19 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             dataset=args.dataset,
             data_dir=args.data_dir,
             model=args.model,
-            defenses=parse_defenses(args.defense or ()),
+            defenses=parse_defenses([*(args.defense or ()), *(["secagg"] if args.secagg else [])]),
             latent_dim=args.latent_dim,
             beta=args.beta,
             clip=args.clip,
             sigma=args.sigma,
             prune_rate=args.prune_rate,
+            dp_noise=args.dp_noise,
+            dp_clip=args.dp_clip,
+            dp_clipping=args.dp_clipping,
+            dp_delta=args.dp_delta,
+            dp_quantile=args.dp_quantile,
+            dp_clip_lr=args.dp_clip_lr,
+            dp_count_stddev=args.dp_count_stddev,
             batch_size=args.batch_size,
             local_epochs=args.local_epochs,
             local_steps=args.local_steps,

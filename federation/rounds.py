@@ -20,6 +20,9 @@ differs where ``start`` cannot do what a run here needs:
 - **Churn.** After the first round it samples whichever nodes are online instead of
   waiting for all ``cfg.clients`` (``min_available_nodes`` drops to 1): a node that left
   must not stall the run. Each phase waits at most ``cfg.round_timeout`` seconds.
+- **SecAgg+.** With ``secagg`` among the defenses each training round is Flower's SecAgg+
+  protocol (:func:`~precode_flower.strategies.secagg.secagg_train_round`; every stage
+  waits at most ``cfg.round_timeout``), which cannot overlap the previous evaluation.
 - **Checkpoints.** ``after_round(round, arrays, result)`` gets each round's final model
   and central evaluation (the run writes its checkpoint and log row there); ``start``
   returns its ``Result`` only at the end.
@@ -44,14 +47,19 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
 
 from precode_flower import heap, task
+from precode_flower.defenses import dp_defense
 from precode_flower.strategies import FedSGD, Observed, ReplyValidator, aggregate_metrics
+from precode_flower.strategies.privacy import DP_WEIGHT_KEY, PrivateStrategy
 from precode_flower.strategies.replies import collect_replies
+from precode_flower.strategies.secagg import secagg_max_weight, secagg_train_round
 
 log = logging.getLogger(__name__)
 
 
 def make_strategy(cfg: task.RunConfig, param_keys: Sequence[str]) -> Strategy:
-    """Flower's FedAvg (mode fedavg) or our FedSGD (mode fedsgd), sampling ``fraction``."""
+    """Flower's FedAvg (mode fedavg) or our FedSGD (mode fedsgd), sampling ``fraction``;
+    with ``dp-server`` / ``dp-client``, FedAvg weighting uniformly inside Flower's DP
+    wrapper (:class:`~precode_flower.strategies.privacy.PrivateStrategy`)."""
     common: dict[str, Any] = dict(
         fraction_train=cfg.fraction,
         fraction_evaluate=cfg.fraction_evaluate,
@@ -70,7 +78,17 @@ def make_strategy(cfg: task.RunConfig, param_keys: Sequence[str]) -> Strategy:
             optimizer=cfg.server_optimizer,
             **common,
         )
-    return FedAvg(**common)
+    dp = dp_defense(cfg.defenses)
+    if dp is None:
+        return FedAvg(**common)
+    return PrivateStrategy(
+        FedAvg(**common, weighted_by_key=DP_WEIGHT_KEY),
+        dp,
+        cfg.dp_params,
+        num_sampled_clients=max(int(cfg.clients * cfg.fraction), 1),  # FedAvg's sample size
+        population=cfg.clients,
+        secagg="secagg" in cfg.defenses,
+    )
 
 
 def make_validator(cfg: task.RunConfig, strategy: Strategy) -> ReplyValidator:
@@ -179,6 +197,8 @@ def train_rounds(
     train_config = ConfigRecord(cfg.to_config())
     evaluate_config = ConfigRecord(cfg.to_config())
     inner = observed.strategy
+    secagg = "secagg" in cfg.defenses
+    max_weight = secagg_max_weight(cfg) if secagg else 0
     reorder = grid if isinstance(grid, PartitionOrderedGrid) else None
     with ThreadPoolExecutor(1, thread_name_prefix="central-evaluation") as central:
 
@@ -208,14 +228,27 @@ def train_rounds(
             s_train, s_eval = _seed_round(cfg.seed, server_round)
             if reorder is not None:
                 reorder.reseed = s_train
-            messages = observed.configure_train(server_round, arrays, train_config, grid)
-            train_ids = list(grid.push_messages(messages))
-            del messages
-            if evaluation is not None:
-                finish_evaluation(*evaluation)
-            replies = collect_replies(grid, train_ids, cfg.round_timeout)
-            new, _ = observed.aggregate_train(server_round, replies)
-            del replies  # the round's model-sized messages (emptied by Observed): let them go
+            if secagg:  # SecAgg+'s four stages, one after the other: nothing to overlap
+                if evaluation is not None:
+                    finish_evaluation(*evaluation)
+                new = secagg_train_round(
+                    observed,
+                    grid,
+                    arrays,
+                    train_config,
+                    server_round,
+                    timeout=cfg.round_timeout,
+                    max_weight=max_weight,
+                )
+            else:
+                messages = observed.configure_train(server_round, arrays, train_config, grid)
+                train_ids = list(grid.push_messages(messages))
+                del messages
+                if evaluation is not None:
+                    finish_evaluation(*evaluation)
+                replies = collect_replies(grid, train_ids, cfg.round_timeout)
+                new, _ = observed.aggregate_train(server_round, replies)
+                del replies  # the round's model-sized messages (emptied by Observed)
             heap.release_freed_memory(min_free=heap.TRIM_MIN_FREE)
             if new is not None:
                 arrays = new

@@ -98,6 +98,9 @@ def run_federation(
     round_log = RoundLog(out, observed, cfg.rounds, progress, resume_after=done)
     if resumed is not None:
         round_log.initial = dict(resumed.initial)
+        restore_privacy = getattr(strategy, "restore_privacy", None)
+        if restore_privacy is not None:  # the epsilon spent before the interruption
+            restore_privacy(round_log.rows)
 
     def central_evaluation(server_round: int, arrays: ArrayRecord) -> EvalStats:
         task.load_state(model, arrays_view(arrays))
@@ -150,6 +153,9 @@ def run_federation(
         "seconds": round(time.perf_counter() - started, 3),
         "data_source": bundle.source,
     }
+    privacy_summary = getattr(strategy, "privacy_summary", None)
+    if privacy_summary is not None:  # dp-server / dp-client
+        summary["privacy"] = privacy_summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     try:
         plot_accuracy(

@@ -86,6 +86,9 @@ class RoundLog:
             "dropped_nodes": rec.dropped_nodes,
             "evaluate_failures": rec.evaluate_failures,
         }
+        privacy_row = getattr(self.observed.strategy, "privacy_row", None)
+        if privacy_row is not None:  # dp-server / dp-client: epsilon so far
+            row.update(privacy_row(server_round))
         self._last = now
         self.rows.append(row)
         with self.path.open("a") as f:
@@ -99,6 +102,8 @@ class RoundLog:
         )
         if rec.skipped:
             extra += f" [round skipped, model unchanged: {rec.skipped}]"
+        if row.get("dp_epsilon") is not None:
+            extra += f", epsilon {row['dp_epsilon']:.3g} (delta {row['dp_delta']:g})"
         leak = [s(server_round) for o in self.observed.observers if (s := _round_status(o))]
         leak_text = "".join(f" | {t}" for t in leak if t)
         tqdm.write(

@@ -132,13 +132,15 @@ class PrivacyReport:
     noise_multiplier: float
     clipping_norm: float
     releases: int
+    next_clipping_norm: float  # adaptive clipping: the bound of the next round
 
     def row(self) -> dict[str, Any]:
         return {
             "dp_epsilon": self.epsilon,
             "dp_delta": self.delta,
-            "dp_noise_multiplier": round(self.noise_multiplier, 6),
+            "dp_noise_multiplier": self.noise_multiplier,
             "dp_clipping_norm": self.clipping_norm,
+            "dp_next_clipping_norm": self.next_clipping_norm,
             "dp_releases": self.releases,
         }
 
@@ -260,9 +262,30 @@ class PrivateStrategy(Strategy):
             noise_multiplier=z,
             clipping_norm=clip,
             releases=releases,
+            next_clipping_norm=float(self.dp.clipping_norm),
         )
         self.reports[server_round] = report
         log.info("round %d: %s", server_round, report)
+
+    def restore_privacy(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Compose again the releases of a resumed run's ``rounds.jsonl`` rows (and take up
+        the adaptive bound where it was), so that epsilon counts the rounds before."""
+        for row in sorted(rows, key=lambda r: r.get("round", 0)):
+            if not row.get("dp_released"):
+                continue
+            z = float(row["dp_noise_multiplier"])
+            if self.accountant is not None and z > 0:
+                pop = self.accountant.config.population_size
+                self.accountant.compose(GaussianPrivacyEvent(z, pop, pop))
+            self.dp.clipping_norm = float(row["dp_next_clipping_norm"])
+            self.reports[int(row["round"])] = PrivacyReport(
+                epsilon=row.get("dp_epsilon"),
+                delta=self.params.delta,
+                noise_multiplier=z,
+                clipping_norm=float(row["dp_clipping_norm"]),
+                releases=int(row["dp_releases"]),
+                next_clipping_norm=self.dp.clipping_norm,
+            )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -272,7 +295,12 @@ class PrivateStrategy(Strategy):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        return self.dp.aggregate_evaluate(server_round, list(replies))
+        replies = list(replies)
+        for msg in replies:  # evaluation releases no model: weighted by examples as usual
+            if not msg.has_error():
+                for record in msg.content.metric_records.values():
+                    record[DP_WEIGHT_KEY] = record.get("num-examples", 1)
+        return self.dp.aggregate_evaluate(server_round, replies)
 
     def privacy_row(self, server_round: int) -> dict[str, Any]:
         """The round's ``rounds.jsonl`` fields (epsilon so far if the round released none)."""

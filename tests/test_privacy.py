@@ -171,3 +171,34 @@ def test_dp_settings_reach_the_clients_config() -> None:
     cfg = task.RunConfig(defenses="dp-client", dp_noise=0.7, dp_clipping="adaptive")
     again = task.RunConfig.from_mapping(cfg.to_config())
     assert again.dp_params == cfg.dp_params and again.defenses == ("dp-client",)
+
+
+def _rows(out) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("defense", ["dp-server", "dp-client"])
+def test_a_dp_run_reports_the_epsilon_of_flowers_accountant(
+    defense, tmp_path, task_identity, inprocess_grid
+) -> None:
+    import json
+
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    from precode_flower.clients.client_app import app as client_app
+    from precode_flower.federation import run_federation
+
+    cfg = task.RunConfig(
+        defenses=defense, clients=3, rounds=2, batch_size=16, local_steps=2, dp_noise=1.3
+    )
+    summary = run_federation(inprocess_grid(client_app, 3), cfg, tmp_path, progress=False)
+    rows = _rows(tmp_path)
+    reference = privacy.make_accountant(cfg.dp_delta, 3)
+    for row in rows:
+        reference.compose(GaussianPrivacyEvent(1.3, 3, 3))
+        assert row["dp_released"] and row["clients"] == 3
+        assert row["dp_epsilon"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
+    assert summary["privacy"]["epsilon"] == rows[-1]["dp_epsilon"]
+    assert json.loads((tmp_path / "summary.json").read_text())["privacy"]["releases"] == 2

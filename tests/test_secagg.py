@@ -155,3 +155,31 @@ def test_the_auditor_attacks_only_the_aggregate_and_says_so(tmp_path) -> None:
     assert row["aggregate_only"] is True and row["client"] == "aggregate"
     assert row["batch_size"] == 3 and row["status"] == "ok"
     assert "individual updates were never visible" in observer.summary
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_dp_secagg_run_noises_the_sum_and_accounts_every_client_behind_it(tmp_path) -> None:
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    from precode_flower.federation import run_federation
+    from precode_flower.strategies import privacy
+
+    cfg = task.RunConfig(
+        defenses="dp-secagg", clients=3, rounds=2, batch_size=16, local_steps=2, dp_noise=1.3
+    )
+    grid = CopyingGrid(client_app, 3)
+    summary = run_federation(grid, cfg, tmp_path, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    reference = privacy.make_accountant(cfg.dp_delta, 3)
+    for row in rows:
+        # The sum of 3 clients: the noise z C / 3 on it is a multiplier z (not z / 3).
+        reference.compose(GaussianPrivacyEvent(1.3, 3, 3))
+        assert row["clients"] == 3 and row["dp_noise_multiplier"] == pytest.approx(1.3)
+        assert row["dp_epsilon"] == pytest.approx(reference.get_epsilon(cfg.dp_delta))
+    assert summary["privacy"]["defense"] == "dp-client"
+    # Only SecAgg+ stage messages trained; the clients clipped (Flower's fixedclipping_mod
+    # ran inside the SecAgg+ mod, so the config carried the norm).
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert train and all("arrays" not in m.content for m in train)
+    stage2 = [m for m in train if "fitins.config" in m.content]
+    assert stage2 and all(m.content["fitins.config"]["clipping_norm"] == 1.0 for m in stage2)
