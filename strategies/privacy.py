@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -81,6 +82,8 @@ DP_WEIGHT_KEY = "dp-weight"
 #: Where Flower's client-side wrappers put the clipping norm in the train config (its
 #: ``flwr.supercore.differential_privacy.KEY_CLIPPING_NORM``, which Flower does not export).
 CLIPPING_NORM_KEY = "clipping_norm"
+#: The adaptive mod's reply metric: 1 when it clipped (Flower's ``KEY_NORM_BIT``).
+NORM_BIT_KEY = "norm_bit"
 #: Train-config key that tells the client which of Flower's clipping mods to run.
 CLIPPING_KEY = "dp-clipping"
 
@@ -231,6 +234,8 @@ class PrivateStrategy(Strategy):
             if not msg.has_error():
                 for record in msg.content.metric_records.values():
                     record[DP_WEIGHT_KEY] = 1  # the server's choice, whatever a client sent
+        if self.defense == "dp-server" and not self.secagg:
+            replies = self._without_zero_updates(server_round, replies)
         clipping_norm = float(self.dp.clipping_norm)  # before the adaptive update
         update_multiplier = float(self.dp.noise_multiplier)
         aggregated = len(replies)
@@ -240,6 +245,39 @@ class PrivateStrategy(Strategy):
         if arrays is not None:
             self._account(server_round, update_multiplier, clipping_norm, aggregated)
         return arrays, metrics
+
+    def _without_zero_updates(self, server_round: int, replies: list[Message]) -> list[Message]:
+        """``replies`` less those whose update (reply - global) is exactly zero: Flower's
+        server-side clipping divides by the update's norm and would raise (and end the
+        run). Left out, they are not in the mean, and the accounting counts one reply fewer."""
+        current = getattr(self.dp, "current_arrays", None)
+        if not current:
+            return replies
+        base = [np.asarray(a.numpy()) for a in current.values()]
+        kept = []
+        for msg in replies:
+            record = (
+                next(iter(msg.content.array_records.values()), None)
+                if not msg.has_error()
+                else None
+            )
+            if (
+                record is not None
+                and len(record) == len(base)
+                and all(
+                    np.array_equal(np.asarray(a.numpy()), b)
+                    for a, b in zip(record.values(), base, strict=True)
+                )
+            ):
+                log.warning(
+                    "round %d: dp-server: node %d's update is exactly zero; left out of the DP "
+                    "mean (Flower's clipping divides by its norm)",
+                    server_round,
+                    msg.metadata.src_node_id,
+                )
+                continue
+            kept.append(msg)
+        return kept
 
     def _account(self, server_round: int, z_update: float, clip: float, aggregated: int) -> None:
         count = (
@@ -350,5 +388,24 @@ def dp_client_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         return call_next(msg, context)
     if "dp-client" not in parse_defenses(str(config.get("defenses", ""))):
         return call_next(msg, context)
-    mod = adaptiveclipping_mod if config.get(CLIPPING_KEY) == "adaptive" else fixedclipping_mod
-    return mod(msg, context, call_next)
+    adaptive = config.get(CLIPPING_KEY) == "adaptive"
+    mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
+    replied: list[Message] = []
+
+    def app(m: Message, c: Context) -> Message:
+        replied.append(call_next(m, c))
+        return replied[-1]
+
+    try:
+        return mod(msg, context, app)
+    except ZeroDivisionError:
+        # Flower's clipping divides by the update's norm: an update of exactly zero (the
+        # model returned unchanged, e.g. every ReLU dead) raises. It needs no clipping.
+        if not replied:
+            raise
+        log.warning("dp-client: the update is exactly zero; sent unclipped (nothing to clip)")
+        reply = replied[-1]
+        if adaptive:
+            for record in reply.content.metric_records.values():
+                record[NORM_BIT_KEY] = 0  # not clipped
+        return reply

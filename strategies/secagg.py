@@ -138,6 +138,39 @@ class _RoundStrategy:
         return RoundStrategy()
 
 
+class _StageGrid:
+    """The run's grid, noting each SecAgg+ stage's error replies and silent nodes (the
+    workflow keeps them to itself) for the round's record."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.stage = 0
+        self.failures: list[dict[str, Any]] = []
+        self.silent: dict[int, int] = {}  # node -> the first stage it did not answer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
+        messages = list(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        answered = {r.metadata.src_node_id for r in replies}
+        for r in replies:
+            if r.has_error():
+                self.failures.append(
+                    {
+                        "node_id": r.metadata.src_node_id,
+                        "stage": self.stage,
+                        "reason": r.error.reason,
+                    }
+                )
+        for m in messages:
+            if m.metadata.dst_node_id not in answered:
+                self.silent.setdefault(m.metadata.dst_node_id, self.stage)
+        self.stage += 1
+        return replies
+
+
 def _workflow(timeout: float, max_weight: float) -> Any:
     from flwr.server.workflow import SecAggPlusWorkflow
 
@@ -208,11 +241,18 @@ def secagg_train_round(
     context.state.array_records["parameters"] = ArrayRecord(
         {k: Array(np.asarray(v)) for k, v in global_arrays.items()}
     )
-    _workflow(timeout, max_weight)(grid, context)
+    stages = _StageGrid(grid)
+    _workflow(timeout, max_weight)(stages, context)
+    rec.failures = stages.failures
+    rec.failed = len(stages.failures)
+    rec.dropped_nodes = [{"node_id": n, "stage": s} for n, s in sorted(stages.silent.items())]
+    for f in stages.failures:
+        log.warning("round %d: SecAgg+ stage %d: node %d failed: %s", server_round, f["stage"],
+                    f["node_id"], f["reason"])  # fmt: skip
 
     if strategy.result is None:
-        rec.dropped = len(messages)
-        rec.skipped = "SecAgg+ halted (too few clients answered a stage in time)"
+        rec.dropped = len(stages.silent)
+        rec.skipped = "SecAgg+ halted: too few clients answered a stage in time, or failed"
         return None
     summed, results = strategy.result
     values = parameters_to_ndarrays(summed)

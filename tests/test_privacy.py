@@ -202,3 +202,29 @@ def test_a_dp_run_reports_the_epsilon_of_flowers_accountant(
         assert row["dp_epsilon"] == pytest.approx(reference.get_epsilon(1e-5), rel=1e-9)
     assert summary["privacy"]["epsilon"] == rows[-1]["dp_epsilon"]
     assert json.loads((tmp_path / "summary.json").read_text())["privacy"]["releases"] == 2
+
+
+def test_an_exactly_zero_update_does_not_end_the_run(task_identity) -> None:
+    """Flower's clipping divides by the update's norm; a zero update (the model sent back
+    unchanged) raised ZeroDivisionError in both the server wrapper and the client mod."""
+    params = d.DpParams(noise_multiplier=0.5)
+    s = privacy.PrivateStrategy(_fedavg(), "dp-server", params, num_sampled_clients=2, population=2)
+    np.random.seed(0)
+    _, (arrays, _) = _round(s, 1, [[0.0, 0, 0, 0], [0, 0, 0.5, 0]], [1, 1])
+    assert arrays is not None
+    # One reply was left out: the round is accounted as a mean of 1 (multiplier z / 2).
+    assert s.reports[1].noise_multiplier == pytest.approx(0.25)
+
+    def unchanged(msg: Message, ctx: Context) -> Message:
+        return _reply(msg, [0.0, 0, 0, 0], 1)
+
+    for clipping in ("fixed", "adaptive"):
+        config = {"defenses": "dp-client", "clipping_norm": 1.0, "dp-clipping": clipping}
+        msg = make_message(
+            RecordDict({"arrays": _record(GLOBAL), "config": ConfigRecord(config)}), "train"
+        )
+        ctx = Context(run_id=7, node_id=5, node_config={}, state=RecordDict(), run_config={})
+        reply = privacy.dp_client_mod(msg, ctx, unchanged)
+        assert not reply.has_error() and np.all(reply.content["arrays"]["w"].numpy() == 0)
+        if clipping == "adaptive":
+            assert reply.content["metrics"]["norm_bit"] == 0
