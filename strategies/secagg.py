@@ -288,6 +288,12 @@ def secagg_train_round(
         except Exception:  # an observer must never stop training
             log.exception("round %d: observer %r raised", server_round, observer)
 
+    if len(results) < observed.validator.min_replies:  # (the server has seen the sum)
+        rec.skipped = (
+            f"only {len(results)} clients in the SecAgg+ sum, "
+            f"at least {observed.validator.min_replies} needed"
+        )
+        return None
     # The run's strategy aggregates the one sum (FedAvg: itself; dp-client: plus noise).
     weight_key = getattr(inner, "weighted_by_key", "num-examples")
     content = RecordDict(

@@ -126,7 +126,19 @@ def test_a_silent_client_costs_its_reply_not_the_round(inprocess_grid) -> None:
     assert new is not None
     rec = observed.record(1)
     assert (rec.clients, rec.dropped) == (2, 1)
+    assert rec.dropped_nodes == [{"node_id": 103, "stage": 2}]
     assert seen.rounds[0][1][0].metrics["clients"] == 2
+    # With a quorum of 3 the round is skipped; the auditor still saw the sum (the server did).
+    from precode_flower.strategies import ReplyValidator
+
+    state["n"] = 0
+    strict = Observed(
+        FedAvg(min_available_nodes=3), [seen], ReplyValidator.from_limits(min_replies=3)
+    )
+    grid = CopyingGrid(client_app, 3, faulty={103: silent_in_stage_2})
+    args = (grid, _global(CFG), ConfigRecord(CFG.to_config()), 1)
+    assert secagg_train_round(strict, *args, timeout=5.0, max_weight=10**5) is None
+    assert "at least 3 needed" in strict.record(1).skipped and len(seen.rounds) == 2
 
 
 @pytest.mark.usefixtures("task_identity")
