@@ -17,6 +17,9 @@ changes the numbers (not the device).
 Attacks per configuration: ``analytic`` where a Linear layer sees the raw image (``mlp``),
 ``ig`` (the PRECODE paper's configuration at the profile's iteration budget),
 ``ignore-bottleneck`` on models with a PRECODE bottleneck, and ``fedavg`` in FedAvg mode.
+Under SecAgg+ (``secagg`` and its presets) they attack the round's sum, the only update
+the server sees, as one batch of all its clients' examples; DP configurations report the
+run's epsilon (docs/PRIVACY.md).
 
 The report (``--doc``) gets one generated section (``## Generated results``, or the heading
 given with ``--section``) with the exact command and date; other sections of the file are
@@ -188,6 +191,9 @@ PROFILES: dict[str, Profile] = {
             ("mnist", "convnet", "precode-early", "fedsgd", 1),
             ("cifar10", "convnet", "none", "fedsgd", 1),
             ("cifar10", "convnet", "precode-early", "fedsgd", 1),
+            # Secure aggregation (the audit sees only the sum) and DP with it.
+            ("mnist", "mlp", "secagg", "fedsgd", 1),
+            ("mnist", "mlp", "dp-secagg", "fedavg", 1),
         ),
     ),
     "full": Profile(
