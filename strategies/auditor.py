@@ -59,6 +59,7 @@ from precode_flower.audit import (
 )
 
 from .observed import ClientReply, Observed, Observer, RoundContext
+from .secagg import AGGREGATE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,7 @@ def _client_id(reply: ClientReply) -> int | str:
 def _is_aggregate(reply: ClientReply) -> bool:
     """Whether ``reply`` is a SecAgg+ sum (:data:`strategies.secagg.AGGREGATE_KEY`), which
     only the server builds: clients' replies never reach observers in a SecAgg+ round."""
-    return bool(reply.metrics.get("aggregate-only")) and reply.node_id == 0
+    return bool(reply.metrics.get(AGGREGATE_KEY)) and reply.node_id == 0
 
 
 class Auditor(Observed):

@@ -64,7 +64,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from precode_flower.defenses import DpParams, dp_defense, parse_defenses
+from precode_flower.defenses import DpParams, parse_defenses
 
 log = logging.getLogger(__name__)
 
@@ -365,12 +365,6 @@ class PrivateStrategy(Strategy):
             "protects": "the released model against its recipients; not the updates "
             "against the server, which receives them before any noise",
         }
-
-
-def make_private(strategy: Strategy, defenses: Iterable[str], params: DpParams, **kw: Any) -> Any:
-    """``strategy`` wrapped in :class:`PrivateStrategy` if ``defenses`` has a DP defense."""
-    dp = dp_defense(tuple(defenses))
-    return strategy if dp is None else PrivateStrategy(strategy, dp, params, **kw)
 
 
 def dp_client_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

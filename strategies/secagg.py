@@ -268,7 +268,9 @@ def secagg_train_round(
     total = sum(_int_or_none(m.get("num-examples")) or 0 for m in metrics)
     rec.clients = len(results)
     rec.partitions = [_int_or_none(m.get("partition-id")) for m in metrics]
-    rec.dropped = len(messages) - len(results)
+    failed = {f["node_id"] for f in stages.failures}
+    summed_nodes = {proxy.node_id for proxy, _ in results}
+    rec.dropped = len({m.metadata.dst_node_id for m in messages} - failed - summed_nodes)
     log.info("round %d: SecAgg+ aggregate of %d clients", server_round, len(results))
 
     reply_metrics: dict[str, Any] = {
