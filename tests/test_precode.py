@@ -35,12 +35,12 @@ def test_conv_bottleneck_keeps_feature_map_shape():
 
 def test_training_forward_samples_and_eval_mode_is_configurable():
     torch.manual_seed(0)
-    vb = VariationalBottleneck(32, latent_dim=8, std_shift=0.0)
+    vb = VariationalBottleneck(32, latent_dim=8)
     x = torch.randn(4, 32)
     assert not torch.allclose(vb(x), vb(x)), "training passes must draw fresh noise"
     vb.eval()
     assert torch.equal(vb(x), vb(x)), "eval_mode='mean' is deterministic"
-    vb_sample = VariationalBottleneck(32, latent_dim=8, std_shift=0.0, eval_mode="sample").eval()
+    vb_sample = VariationalBottleneck(32, latent_dim=8, eval_mode="sample").eval()
     assert not torch.allclose(vb_sample(x), vb_sample(x))
 
 
