@@ -228,3 +228,20 @@ def test_an_exactly_zero_update_does_not_end_the_run(task_identity) -> None:
         assert not reply.has_error() and np.all(reply.content["arrays"]["w"].numpy() == 0)
         if clipping == "adaptive":
             assert reply.content["metrics"]["norm_bit"] == 0
+
+
+def test_a_resumed_dp_run_keeps_counting_epsilon(tmp_path, task_identity, inprocess_grid) -> None:
+    from flwr.serverapp import GaussianPrivacyEvent
+
+    from precode_flower.clients.client_app import app as client_app
+    from precode_flower.federation import run_federation
+
+    cfg = task.RunConfig(defenses="dp-server", clients=2, rounds=1, batch_size=16, local_steps=1)
+    run_federation(inprocess_grid(client_app, 2), cfg, tmp_path, progress=False)
+    more = task.RunConfig.from_mapping(cfg.to_config(), rounds=2)
+    run_federation(inprocess_grid(client_app, 2), more, tmp_path, progress=False, resume=True)
+    rows = _rows(tmp_path)
+    reference = privacy.make_accountant(cfg.dp_delta, 2)
+    reference.compose(GaussianPrivacyEvent(1.0, 2, 2), count=2)
+    assert [r["round"] for r in rows] == [1, 2] and rows[1]["dp_releases"] == 2
+    assert rows[1]["dp_epsilon"] == pytest.approx(reference.get_epsilon(cfg.dp_delta))
