@@ -201,10 +201,11 @@ def secagg_train_round(
     with ``num_examples`` the total and the metric :data:`AGGREGATE_KEY`. ``max_weight``:
     an upper bound of any client's ``num-examples`` (SecAgg+ quantises weight / max_weight).
     """
-    from flwr.server import ServerConfig
-    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server import LegacyContext, ServerConfig, SimpleClientManager
+
+    # The proxy Flower's own legacy workflows build for a node (not exported by flwr.server;
+    # the SecAgg+ workflow only reads its node_id).
     from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
 
     inner: Strategy = observed.strategy
     rec = observed.record(server_round)

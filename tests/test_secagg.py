@@ -195,3 +195,11 @@ def test_dp_secagg_run_noises_the_sum_and_accounts_every_client_behind_it(tmp_pa
     assert train and all("arrays" not in m.content for m in train)
     stage2 = [m for m in train if "fitins.config" in m.content]
     assert stage2 and all(m.content["fitins.config"]["clipping_norm"] == 1.0 for m in stage2)
+
+
+def test_the_secagg_record_name_is_flowers() -> None:
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    from precode_flower.strategies import secagg
+
+    assert secagg._RECORD_KEY_CONFIGS == RECORD_KEY_CONFIGS
