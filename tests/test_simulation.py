@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 import simulate
 from precode_flower import data, task
 from precode_flower.clients.client_app import app as client_app
+from precode_flower.federation import simulation
 from precode_flower.processes import session_pids, stop_sessions
 from precode_flower.strategies import Observed
 from precode_flower.training import evaluate
@@ -85,9 +86,9 @@ def test_default_data_is_the_embedded_cifar10_linked_into_the_run(tmp_path, caps
         (["--dataset", "mnist"], "auto"),
         (["--data-source", "auto"], "auto"),
     ]:
-        assert simulate._data_source(parser, parser.parse_args(argv)) == source
+        assert simulation._data_source(parser, parser.parse_args(argv)) == source
     with pytest.raises(SystemExit) as exc:
-        simulate._data_source(
+        simulation._data_source(
             parser, parser.parse_args(["--data-source", "embedded", "--dataset", "mnist"])
         )
     assert exc.value.code == 2 and "only cifar10" in capsys.readouterr().err
@@ -129,6 +130,23 @@ def test_same_seed_same_numbers_and_faults_are_absorbed(mode, tmp_path, inproces
     model = torch.load(tmp_path / "run0" / "model.pt", weights_only=True)
     assert all(torch.isfinite(t.float()).all() for t in model.values())
     assert json.loads((tmp_path / "run0" / "config.json").read_text())["mode"] == mode
+
+
+def test_transport_defaults_to_fast_only_where_verified(monkeypatch, capsys) -> None:
+    parser = simulate.build_parser()
+    monkeypatch.setattr(simulation, "fast_transport_problem", lambda: None)
+    assert simulation.choose_transport(parser, None) == "fast"
+    assert simulation.choose_transport(parser, "flower") == "flower"
+    reason = "the fast transport is verified for Flower 1.42.x, not 1.50.0"
+    monkeypatch.setattr(simulation, "fast_transport_problem", lambda: reason)
+    assert simulation.choose_transport(parser, None) == "flower"
+    err = capsys.readouterr().err
+    assert err == f"WARNING: {reason}; using --transport flower\n"
+    assert simulation.choose_transport(parser, "flower") == "flower"
+    with pytest.raises(SystemExit) as exc:
+        simulation.choose_transport(parser, "fast")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"simulate.py: error: --transport fast: {reason}\n"
 
 
 def test_object_store_holds_a_rounds_updates_and_two_models() -> None:
@@ -285,6 +303,59 @@ def test_ray_simulation_end_to_end(run_simulate, tmp_path, flower_env) -> None:
     assert config["clients"] == 3 and config["rounds"] == 2 and config["mode"] == "fedavg"
     assert config["data-dir"] == str((out / "data").resolve())  # the embedded default
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+# Run in a fresh process: the simulation, then which of Flower's engine parts are Flower's
+# own, and whether the server received any record through the fast transport's store.
+_TRANSPORT_PROBE = """
+import json, sys
+import simulate
+code = simulate.main(sys.argv[1:])
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend import raybackend
+from flwr.simulation.ray_transport import ray_actor
+from precode_flower.strategies import ray_transport
+print(json.dumps({
+    "feeder": vce_api.add_messages_to_queue.__module__ == vce_api.__name__,
+    "injector": vce_api.put_message_into_state.__module__ == vce_api.__name__,
+    "pool": raybackend.BasicActorPool is ray_actor.BasicActorPool,
+    "shared": ray_transport._SHARED_SEEN,
+}))
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_both_transports_give_bitwise_the_same_model(tmp_path, flower_env) -> None:
+    """The same seeded 2-round simulation on --transport fast and flower; flower leaves
+    Flower's engine as it is and no record goes through the fast transport's store."""
+    models, flowers = {}, {}
+    for transport in ("fast", "flower"):
+        out = tmp_path / transport
+        flags = [
+            "--clients", "2", "--rounds", "2", "--local-steps", "2", "--seed", "3",
+            "--no-progress", "--transport", transport, "--out", str(out),
+            "--ray-temp-dir", str(flower_env / "ray" / transport),
+        ]  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", _TRANSPORT_PROBE, *flags],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "2/2 rounds in" in proc.stdout and f"({transport} transport)" in proc.stdout
+        flowers[transport] = json.loads(proc.stdout.strip().splitlines()[-1])
+        models[transport] = torch.load(out / "model.pt", weights_only=True)
+    assert flowers["flower"] == {"feeder": True, "injector": True, "pool": True, "shared": False}
+    assert flowers["fast"] == {"feeder": False, "injector": False, "pool": False, "shared": True}
+    fast, plain = models["fast"], models["flower"]
+    assert fast.keys() == plain.keys()
+    assert all(torch.equal(fast[k], plain[k]) for k in fast)
+    rows = {t: _without_timing(_rows(tmp_path / t)) for t in models}
+    assert rows["fast"] == rows["flower"]
 
 
 @pytest.fixture
