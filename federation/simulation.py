@@ -317,6 +317,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "simulate.py") -> int
     from .app import make_server_app
 
     grid_wrapper = None
+    if transport == "flower":
+        ray_transport.restore_flower()  # a fast run earlier in this process replaced parts
     if transport == "fast":
         ray_transport.install_prompt_feeder()  # clients start right after each push
         ray_transport.install_reply_wakeup()  # the server waits for replies, no polling

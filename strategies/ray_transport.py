@@ -65,6 +65,7 @@ __all__ = [
     "TRANSPORTS",
     "SharedModelGrid",
     "fast_transport_problem",
+    "restore_flower",
     "install_pipelined_actor_pool",
     "install_prompt_feeder",
     "install_reply_wakeup",
@@ -465,6 +466,23 @@ def _pipelined_pool_class(base: type, depth: int) -> type:
             super().terminate_all_actors()
 
     return PipelinedActorPool
+
+
+def restore_flower() -> None:
+    """Undo every replacement made in this process: Flower's simulation engine as it is
+    (``--transport flower`` after a ``fast`` run in the same process, e.g. a benchmark)."""
+    global _REPLY_WAKEUP
+    if not _FLOWER_ORIGINALS:
+        return  # nothing was replaced (never imports Flower's engine)
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    for name in ("add_messages_to_queue", "put_message_into_state"):
+        if name in _FLOWER_ORIGINALS:
+            setattr(vce_api, name, _FLOWER_ORIGINALS[name])
+    if "BasicActorPool" in _FLOWER_ORIGINALS:
+        raybackend.BasicActorPool = _FLOWER_ORIGINALS["BasicActorPool"]  # type: ignore[attr-defined]
+    _REPLY_WAKEUP = False
 
 
 def install_pipelined_actor_pool(depth: int = ACTOR_QUEUE_DEPTH) -> bool:

@@ -399,3 +399,23 @@ def test_a_process_without_shared_records_replies_plain(monkeypatch) -> None:
     arrays = {"w": np.ones((2, 2), np.float32)}
     record = ray_transport.share_arrays(arrays)
     assert type(record) is ArrayRecord and record == to_array_record(arrays)
+
+
+def test_restore_flower_undoes_every_replacement(monkeypatch) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    feeder, injector = vce_api.add_messages_to_queue, vce_api.put_message_into_state
+    pool = raybackend.BasicActorPool
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", feeder)
+    monkeypatch.setattr(vce_api, "put_message_into_state", injector)
+    monkeypatch.setattr(raybackend, "BasicActorPool", pool)
+    monkeypatch.setattr(ray_transport, "_REPLY_WAKEUP", False)
+    assert ray_transport.install_prompt_feeder() and ray_transport.install_reply_wakeup()
+    assert ray_transport.install_pipelined_actor_pool()
+    assert raybackend.BasicActorPool is not pool and ray_transport._REPLY_WAKEUP
+    ray_transport.restore_flower()
+    assert vce_api.add_messages_to_queue is feeder
+    assert vce_api.put_message_into_state is injector
+    assert raybackend.BasicActorPool is pool
+    assert not ray_transport._REPLY_WAKEUP
