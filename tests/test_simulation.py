@@ -132,6 +132,45 @@ def test_same_seed_same_numbers_and_faults_are_absorbed(mode, tmp_path, inproces
     assert json.loads((tmp_path / "run0" / "config.json").read_text())["mode"] == mode
 
 
+def _from_superlink(reply):
+    """The error reply a SuperLink sends for a node that went offline: its source is the
+    SuperLink (node 0), not the node."""
+    from flwr.app import Error, Message, Metadata
+
+    metadata = Metadata(
+        run_id=7,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=reply.metadata.dst_node_id,
+        reply_to_message_id=reply.metadata.reply_to_message_id,
+        group_id=reply.metadata.group_id,
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=reply.metadata.message_type,
+    )
+    return Message(metadata=metadata, error=Error(code=1, reason="node unavailable"))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_superlink_error_replies_count_for_their_node(inprocess_grid) -> None:
+    cfg = task.RunConfig(clients=2, rounds=1, local_steps=1, batch_size=8)
+    errors = []
+    grid = inprocess_grid(
+        client_app,
+        2,
+        faulty={102: lambda reply: errors.append(_from_superlink(reply)) or errors[-1]},
+    )
+    bundle = data.load(cfg.dataset, cfg.data_dir or None)
+    model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=0)
+    strategy = make_strategy(cfg, [n for n, _ in model.named_parameters()])
+    observed = Observed(strategy, validator=make_validator(cfg, strategy))
+    train_rounds(observed, grid, ArrayRecord(model.state_dict()), cfg)
+    rec = observed.record(1)
+    assert (rec.clients, rec.failed, rec.dropped) == (1, 1, 0)  # failed, not also missing
+    assert rec.failures[0]["node_id"] == 102 and "unavailable" in rec.failures[0]["reason"]
+    assert errors[0].metadata.src_node_id == 0  # read, not rewritten (no private field)
+
+
 def test_transport_defaults_to_fast_only_where_verified(monkeypatch, capsys) -> None:
     parser = simulate.build_parser()
     monkeypatch.setattr(simulation, "fast_transport_problem", lambda: None)
