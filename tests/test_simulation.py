@@ -313,17 +313,19 @@ def test_round_loop_gives_flowers_start_model_where_they_agree(mode, inprocess_g
 
 
 @pytest.mark.slow
-def test_ray_simulation_end_to_end(run_simulate, tmp_path, flower_env) -> None:
+@pytest.mark.parametrize("transport", ["fast", "flower"])
+def test_ray_simulation_end_to_end(transport, run_simulate, tmp_path, flower_env) -> None:
     out = tmp_path / "run"
     proc = run_simulate(
         [
+            "--transport", transport,
             "--clients", "3",
             "--rounds", "2",
             "--local-steps", "2",
             "--audit-ground-truth",
             "--fault-injection", "nan:1:2,raise:2:2",
             "--out", str(out),
-            "--ray-temp-dir", str(flower_env / "ray" / "e2e"),
+            "--ray-temp-dir", str(flower_env / "ray" / f"e2e-{transport}"),
         ],
         timeout=240,
     )  # fmt: skip
@@ -337,6 +339,7 @@ def test_ray_simulation_end_to_end(run_simulate, tmp_path, flower_env) -> None:
     assert (rows[0]["clients"], rows[0]["rejected"], rows[0]["failed"]) == (3, 0, 0)
     assert (rows[1]["clients"], rows[1]["rejected"], rows[1]["failed"]) == (1, 1, 1)
     assert "round 1/2: 3 clients replied" in proc.stdout
+    assert f"({transport} transport)" in proc.stdout
     assert (out / "accuracy.png").stat().st_size > 0
     config = json.loads((out / "config.json").read_text())
     assert config["clients"] == 3 and config["rounds"] == 2 and config["mode"] == "fedavg"
