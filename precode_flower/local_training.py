@@ -158,6 +158,16 @@ class LocalTraining:
             updates["epochs"] = None  # a stated step count overrides ``local=``'s epochs
         return dataclasses.replace(self, **updates) if updates else self
 
+    def with_defaults(self) -> LocalTraining:
+        """Unstated optimizer, momentum and weight decay as ``torch.optim.SGD``'s defaults
+        (plain SGD): what a user who describes the training with ``local=`` implies."""
+        return dataclasses.replace(
+            self,
+            optimizer=self.optimizer or "sgd",
+            momentum=self.momentum if self.momentum is not None else 0.0,
+            weight_decay=self.weight_decay if self.weight_decay is not None else 0.0,
+        )
+
     def unknown(self) -> list[str]:
         """The fields an audit has to guess (batch size, length, lr, optimizer ...)."""
         out = [
