@@ -46,7 +46,9 @@ class Net(nn.Module):
         return self.fc3(x)
 
 
-def load_partition(partition_id: int, examples: int = EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+def load_partition(
+    partition_id: int, examples: int = EXAMPLES
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The client's examples, normalised as the model takes them: smooth random images."""
     gen = torch.Generator().manual_seed(1000 + partition_id)
     low = torch.rand(examples, 3, 8, 8, generator=gen)
@@ -90,7 +92,9 @@ def train(msg: Message, context: Context) -> Message:
         opt.step()
         total += float(loss)
     metrics = {"train_loss": total / len(loader), "num-examples": EXAMPLES, "partition-id": pid}
-    content = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    content = RecordDict(
+        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+    )
     return Message(content=content, reply_to=msg)
 
 
