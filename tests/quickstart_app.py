@@ -47,9 +47,11 @@ class Net(nn.Module):
 
 
 def load_partition(
-    partition_id: int, examples: int = EXAMPLES
+    partition_id: int, examples: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The client's examples, normalised as the model takes them: smooth random images."""
+    """The client's examples (default :data:`EXAMPLES`, read at call time so that a benchmark
+    can change it), normalised as the model takes them: smooth random images."""
+    examples = EXAMPLES if examples is None else examples
     gen = torch.Generator().manual_seed(1000 + partition_id)
     low = torch.rand(examples, 3, 8, 8, generator=gen)
     pixels = F.interpolate(low, size=SHAPE[1:], mode="bilinear", align_corners=False)
@@ -90,8 +92,9 @@ def train(msg: Message, context: Context) -> Message:
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step()
-        total += float(loss)
-    metrics = {"train_loss": total / len(loader), "num-examples": EXAMPLES, "partition-id": pid}
+        total += float(loss.detach())
+    n = len(loader.dataset)
+    metrics = {"train_loss": total / len(loader), "num-examples": n, "partition-id": pid}
     content = RecordDict(
         {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
     )

@@ -199,3 +199,24 @@ def test_a_worker_that_cannot_start_is_reported_within_seconds(tmp_path: Path) -
     assert "__main__" in run.stderr  # the hint: guard the script
     summary = (tmp_path / "audit" / "leakage_summary.md").read_text()
     assert "worker process failed to start" in summary
+
+
+@pytest.mark.slow
+def test_the_quickstart_benchmark_smoke_run(tmp_path: Path) -> None:
+    run = subprocess.run(
+        [sys.executable, "benchmarks/auditor_quickstart.py", "--smoke", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads((tmp_path / "auditor_quickstart.json").read_text())
+    stated, guessed = result["stated"], result["guessed"]
+    assert all(r["status"] == "ok" for s in (stated, guessed) for r in s["attacks"].values())
+    # The stated training replays the real update; the guess is one full-batch step.
+    assert stated["closeness"]["cosine"] > 0.9999
+    assert abs(stated["closeness"]["norm_ratio"] - 1) < 1e-3
+    assert "(assumed)" in guessed["closeness"]["training"]
+    assert guessed["attacks"]["fedavg"]["assumed"] and not stated["attacks"]["fedavg"]["assumed"]
+    assert "| stated | fedavg | ok |" in run.stdout
