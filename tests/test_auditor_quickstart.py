@@ -9,7 +9,6 @@ import random
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
@@ -192,10 +191,11 @@ def test_a_worker_that_cannot_start_is_reported_within_seconds(tmp_path: Path) -
     # No __main__ guard: the spawned worker re-runs the script and dies while bootstrapping.
     body = "t = time.monotonic()\nstrategy.audit.auditor.wait_workers(60)\n" \
            "print('reported after', time.monotonic() - t)\nstrategy.close()"  # fmt: skip
-    start = time.monotonic()
     run = _script(tmp_path, body, guard=False)
-    assert time.monotonic() - start < 90
     assert "worker process failed to start" in run.stderr, run.stderr[-3000:]
+    # Reported as soon as the worker died (seconds: its imports), not at a 600 s close.
+    waited = float(run.stdout.split("reported after")[1].split()[0])
+    assert waited < 60, waited
     assert "__main__" in run.stderr  # the hint: guard the script
     summary = (tmp_path / "audit" / "leakage_summary.md").read_text()
     assert "worker process failed to start" in summary
