@@ -41,3 +41,14 @@ def test_a_partition_as_large_as_the_batch_is_matched_optimally() -> None:
                                   success_ssim=0.6)  # fmt: skip
     assert out["match_method"] == "optimal" and out["psnr"] > 100
     assert out["label_accuracy"] == 1.0
+
+
+def test_label_counts_no_better_than_even_counts_are_not_a_leak() -> None:
+    from precode_flower.audit import verdicts
+
+    row = {"round": 1, "client": 0, "attack": "labels", "status": "ok", "scored": True,
+           "batch_size": 500, "label_accuracy": 0.58, "label_baseline": 0.92}  # fmt: skip
+    (line,) = verdicts([row], ["labels"])
+    assert line.startswith("NO LEAK FOUND") and "no better than guessing even class counts" in line
+    (line,) = verdicts([{**row, "label_accuracy": 0.99}], ["labels"])
+    assert line.startswith("LEAK: labels recovered") and "even-count guess 0.92" in line

@@ -96,6 +96,8 @@ def test_three_line_attach_on_a_quickstart_app(
         assert r["scored"] and r["match_method"] in ("optimal", "nearest"), r
         assert r["partition_size"] == qs.EXAMPLES
     assert all(r["psnr"] is not None for r in rows if r["attack"] != "labels")
+    labels = [r for r in rows if r["attack"] == "labels"]
+    assert all(0 < r["label_baseline"] <= 1 and r["label_accuracy"] is not None for r in labels)
     summary = strategy.audit.summary
     assert "`SGD lr 0.1 momentum 0.9, batch 32, 1 epoch(s) = 3 steps over 70 examples " \
         "(last batch 6)` (2 update(s); as stated)" in summary  # fmt: skip

@@ -95,7 +95,7 @@ def verdicts(
         elif not ok:
             lines.append(f"NO EVIDENCE {under}: every attack run failed{fail_note}.")
         elif scored:
-            leaks, best = [], None
+            leaks, best, notes = [], None, []
             for attack in attacks:
                 a_rows = [r for r in scored if r.get("attack") == attack]
                 if not a_rows:
@@ -107,22 +107,32 @@ def verdicts(
                     best = (attack, ssim)
                 if k and attack == "labels":
                     acc = _mean(r.get("label_accuracy") for r in a_rows)
+                    base = _mean(r.get("label_baseline") for r in a_rows)
+                    if acc is not None and base is not None and acc <= base:
+                        # Label counts of a large batch: guessing even counts does as well.
+                        notes.append(
+                            f"labels: label accuracy {_fmt(acc)} is no better than guessing "
+                            f"even class counts ({_fmt(base)}), not counted as a leak"
+                        )
+                        continue
                     leaks.append(
                         f"labels recovered the labels of {k}/{n} audited images "
-                        f"(label accuracy {_fmt(acc)})"
+                        f"(label accuracy {_fmt(acc)}"
+                        + (f"; even-count guess {_fmt(base)})" if base is not None else ")")
                     )
                 elif k:
                     leaks.append(
                         f"{attack} reconstructed {k}/{n} audited images (SSIM {_fmt(ssim)})"
                     )
+            note = f" ({'; '.join(notes)})" if notes else ""
             if leaks:
-                lines.append(f"LEAK: {'; '.join(leaks)} {where}{fail_note}.")
+                lines.append(f"LEAK: {'; '.join(leaks)} {where}{fail_note}.{note}")
             else:
                 tried = ", ".join(a for a in attacks if any(r.get("attack") == a for r in scored))
                 best_text = f"; best mean SSIM {best[1]:.2f} by {best[0]}" if best else ""
                 lines.append(
                     f"NO LEAK FOUND {under}: no reconstruction by {tried} reached SSIM "
-                    f"{success_ssim:.2f}{best_text}{fail_note}. This is evidence from these "
+                    f"{success_ssim:.2f}{best_text}{fail_note}{note}. This is evidence from these "
                     "attacks at this budget, not a guarantee: a stronger attack, a larger "
                     "budget or other rounds may still recover the data."
                 )

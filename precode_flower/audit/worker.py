@@ -133,8 +133,31 @@ def _run_attack(
             scores.pop(key, None)
         row.update(scores)
         row["scored"] = True
+        if row.get("label_accuracy") is not None and len(y) > 1:
+            row["label_baseline"] = even_count_baseline(model, payload, y)
     images = None if result.images is None else result.images.detach().cpu()
     return row, images
+
+
+def even_count_baseline(model: nn.Module, payload: Mapping[str, Any], labels: Tensor) -> float:
+    """Label accuracy of an uninformed guess: the batch's size spread evenly over the classes.
+
+    Multiset label accuracy of a large batch is high for any guess with plausible counts, so
+    a recovered label count only leaks what it adds over this.
+    """
+    from ..metrics import label_accuracy
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        classes = int(model(torch.zeros(1, *payload["input_shape"], device=device)).shape[-1])
+        model.train(was)
+    n = len(labels)
+    counts = torch.full((classes,), n // classes, dtype=torch.long)
+    counts[: n % classes] += 1
+    guess = torch.repeat_interleave(torch.arange(classes), counts)
+    return label_accuracy(guess, labels)
 
 
 def _prefer_oom_kill() -> None:
