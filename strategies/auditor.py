@@ -236,13 +236,15 @@ class AuditObserver(Observer):
     def check_start(
         self, initial_arrays: Mapping[str, Any], train_config: Mapping[str, Any]
     ) -> None:
-        """Before the first round: the model must load ``initial_arrays``; guesses are warned.
+        """Before the first round: the model must load ``initial_arrays`` and every attack
+        must apply to it; guesses are warned about.
 
-        Raises ValueError naming the cause (e.g. the keys the model does not have).
+        Raises ValueError naming the cause (the keys the model does not have, the attack that
+        cannot apply and why).
         """
         context = RoundContext(0, dict(initial_arrays), dict(train_config))
         spec = self._round_spec(context)
-        self._check_once(spec, context.global_arrays, context.train_config)
+        self._check_once(spec, context.global_arrays, context.train_config, strict=True)
 
     def close(self) -> None:
         """Wait for pending attacks (up to ``close_timeout``), write and print the summary."""
@@ -303,9 +305,15 @@ class AuditObserver(Observer):
         return _RoundSpec(model, spec_data, kind, defense, cfg, base.merged(config))
 
     def _check_once(
-        self, spec: _RoundSpec, global_arrays: Mapping[str, Any], config: Mapping[str, Any]
+        self,
+        spec: _RoundSpec,
+        global_arrays: Mapping[str, Any],
+        config: Mapping[str, Any],
+        strict: bool = False,
     ) -> None:
-        """Fail fast: the model must load the global arrays; warn once about guessed training."""
+        """Fail fast: the model must load the global arrays (else every job fails with the
+        cause); an attack that cannot apply is logged (``strict``: raised); a guessed
+        training is warned about once."""
         if self._model_error is not None:
             raise _ModelError(self._model_error)
         if not self._model_checked and global_arrays:
@@ -327,6 +335,12 @@ class AuditObserver(Observer):
                 log.error("audit: %s", self._model_error)
                 raise _ModelError(self._model_error) from None
             self._model_checked = True
+            problems = _inapplicable(model, spec.data.input_shape, self.auditor)
+            if problems:
+                text = "attack(s) cannot apply to this model: " + "; ".join(problems)
+                log.error("audit: %s", text)  # the other attacks still run
+                if strict:
+                    raise ValueError(text)
         if spec.kind == "weights" and not self._warned_guess:
             unknown = spec.training.unknown()
             if unknown:
@@ -476,6 +490,36 @@ class AuditObserver(Observer):
                 self._partitions.popitem(last=False)
         self._partitions.move_to_end(pid)
         return self._partitions[pid], "partition", None
+
+
+def _inapplicable(model: nn.Module, input_shape: Sequence[int], auditor: LeakageAuditor) -> list:
+    """Why configured attacks cannot apply to ``model`` at all (structure, not data).
+
+    Checked once at start so that a run does not find out from every job's error row. Only
+    the attacks whose requirements are structural are checked here.
+    """
+    from precode_flower.attacks.analytic import choose_layer
+    from precode_flower.attacks.ignore_bottleneck import matched_parameters
+    from precode_flower.precode import find_classifier
+
+    options = getattr(auditor, "_options", {})
+    checks: dict[str, Callable[[], object]] = {
+        "analytic": lambda: choose_layer(
+            model, input_shape, options.get("analytic", {}).get("layer")
+        ),
+        "ignore-bottleneck": lambda: matched_parameters(model, input_shape),
+        "labels": lambda: find_classifier(model, input_shape),
+    }
+    problems = []
+    for attack in auditor.attacks:
+        check = checks.get(attack)
+        if check is None:
+            continue
+        try:
+            check()
+        except ValueError as err:
+            problems.append(f"{attack}: {err}")
+    return problems
 
 
 class _ModelError(ValueError):

@@ -131,6 +131,12 @@ def test_a_model_that_does_not_load_the_global_arrays_fails_at_start(
     strategy = Auditor(_fedavg(), attacks=["labels"], out_dir=tmp_path, progress=False)
     with strategy, pytest.raises(ValueError, match="does not load the global arrays.*model="):
         _start(strategy, inprocess_grid(qs.app, 3), rounds=1)
+    # An attack that cannot apply to the CNN (no Linear sees the image): at start, with why.
+    strategy = Auditor(_fedavg(), model=qs.Net, input_shape=qs.SHAPE, local=LOCAL,
+                       attacks=["analytic", "ig"], out_dir=tmp_path / "b",
+                       progress=False)  # fmt: skip
+    with strategy, pytest.raises(ValueError, match="analytic: analytic attack does not apply"):
+        _start(strategy, inprocess_grid(qs.app, 3), rounds=1)
 
 
 def _build_in_worker(factory) -> int:  # noqa: ANN001
