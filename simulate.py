@@ -2,329 +2,42 @@
 
     python simulate.py --clients 10                       # FedAvg, MLP, CIFAR-10, 3 rounds
     python simulate.py --mode fedsgd --defense precode --rounds 5
-    python simulate.py --defense noise,prune --sigma 0.05 --partition dirichlet --alpha 0.3
-    python simulate.py --rounds 10 --out runs/a      # interrupted (Ctrl-C, crash, kill) ...
-    python simulate.py --rounds 10 --resume runs/a   # ... continues after the last round done
+    python simulate.py --rounds 10 --resume runs/a   # continue an interrupted run
+    python simulate.py --transport flower            # Flower's simulation engine as it is
 
-Clients are Flower ``ClientApp`` instances run by Ray actors (1 CPU each by default, so
-there are as many parallel clients as cores); the ServerApp runs in this process and
-evaluates the global model on the test split after each round. Results go to ``--out``
-(default ``runs/<timestamp>``): ``config.json``, ``rounds.jsonl``, ``summary.json``,
-``accuracy.png``, ``model.pt`` and ``checkpoint.pt`` (replaced after every round).
-
-Ray: a private local Ray instance that listens on 127.0.0.1 only (dashboard off, temp dir
-under the system temp dir, removed afterwards) unless ``--ray-address`` names a running
-cluster, e.g. a single-machine one started with::
-
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 ray start --head --node-ip-address 127.0.0.1 \\
-        --port 6379 --num-cpus 2 --include-dashboard false --temp-dir /tmp/ray-head
-    python simulate.py --ray-address 127.0.0.1:6379
-    ray stop        # stops every Ray process of this user on the machine
-
-Why the environment variable: Ray 2.55's ``ray.init`` replaces a loopback
-``_node_ip_address`` by the machine's external address, and its gRPC servers then listen
-on all interfaces. ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (Ray's switch for single-node
-use) keeps the node address, and so every listener, on 127.0.0.1. simulate.py sets it for
-its own instance and for loopback ``--ray-address``; a multi-machine cluster needs it unset.
-
-Messages: the ServerApp's grid is wrapped in
-:class:`~strategies.ray_transport.SharedModelGrid` (the global model crosses Ray's object
-store once per round, not once per message), Flower's simulation feeder is woken after
-each push (:func:`~strategies.ray_transport.install_prompt_feeder`), the server is woken by
-each reply (:func:`~strategies.ray_transport.install_reply_wakeup`), and each actor has its
-next client's task queued while it runs one
-(:func:`~strategies.ray_transport.install_pipelined_actor_pool`).
-
-Data: by default (CIFAR-10, no ``--data-dir``) the small CIFAR-10 embedded in the package
-(2,000 train / 500 test images), which keeps the default run well under a minute and a
-half on 2 cores; it is linked into ``<out>/data`` and the run's ``data-dir`` names that
-directory, so clients, server and auditor read the same examples. ``--data-source auto``
-uses :func:`precode_flower.data.load`'s lookup instead (``--data-dir``, else the offline
-data pack, else the embedded default). On a multi-machine Ray cluster pass a
-``--data-dir`` that every machine can read. ``run_simulation`` ignores the
-pyproject run config, so the config is passed to the ServerApp directly and reaches the
-clients in each round's ConfigRecord.
+The code, and what every flag does, is :mod:`precode_flower.federation.simulation`
+(``federation/simulation.py``; installed, the same command is ``precode-flower-simulate``).
+This file is its entry point from the repository root and keeps the names that were
+importable from ``simulate`` before.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import logging
-import math
-import os
-import shutil
 import sys
-import tempfile
-import time
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
-import precode_flower
-from precode_flower import heap, task
-from precode_flower.federation.flags import (
-    OneLineParser,
-    add_training_args,
-    check_resumable,
-    config_from_args,
-    out_dir_from_args,
+from precode_flower.federation.simulation import (
+    DEFAULT_OBJECT_STORE_MB,
+    LOOPBACK,
+    MIN_OBJECT_STORE_MB,
+    backend_config,
+    build_parser,
+    choose_transport,
+    embedded_data_dir,
+    main,
+    object_store_mb,
 )
-from precode_flower.strategies.auditor import (
-    add_audit_args,
-    audit_from_args,
-    simulation_ground_truth,
-)
-from precode_flower.strategies.ray_transport import ACTOR_QUEUE_DEPTH
 
-LOOPBACK = {"127.0.0.1", "localhost"}
-
-
-# Ray's object store carries every model-sized message (Ray's default: 30% of RAM). Its
-# shared pages, once touched, stay resident, so it is sized to what a round keeps there at
-# once (object_store_mb): the round's updates, which the server reads in place until it has
-# aggregated them (Observed then lets them go: strategies.replies.release_arrays), and the
-# global model, twice (the old one may still be read while the new one is written). Where
-# more is needed, Ray waits 2 s and then spills to disk.
-DEFAULT_OBJECT_STORE_MB = 256  # the least object_store_mb gives
-MIN_OBJECT_STORE_MB = 75  # Ray's minimum
-
-
-def object_store_mb(cfg: task.RunConfig) -> int:
-    """MiB of object store a round of ``cfg`` needs (with half again as slack for the
-    store's own allocator), at least :data:`DEFAULT_OBJECT_STORE_MB`."""
-    per_round = max(1, math.ceil(cfg.fraction * cfg.clients))
-    needed = 1.5 * (per_round + 2) * task.model_bytes(cfg)
-    return max(DEFAULT_OBJECT_STORE_MB, math.ceil(needed / 2**20))
-
-
-def backend_config(
-    *,
-    ray_address: str | None,
-    temp_dir: str | None,
-    client_cpus: float,
-    verbose: bool = False,
-    object_store_mb: int = DEFAULT_OBJECT_STORE_MB,
-) -> dict[str, Any]:
-    """Flower's Ray backend config: local 127.0.0.1 instance, or an existing cluster."""
-    init_args: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": "INFO" if verbose else "ERROR",
-        "log_to_driver": verbose,
-    }
-    if ray_address:
-        init_args["address"] = ray_address
-        host = ray_address.rsplit(":", 1)[0]
-        if host in LOOPBACK:
-            init_args["_node_ip_address"] = "127.0.0.1"
-        # The cluster has its own temp dir and dashboard setting; ray.init refuses both here.
-        del init_args["include_dashboard"]
-    else:
-        init_args["_node_ip_address"] = "127.0.0.1"
-        init_args["num_cpus"] = os.cpu_count() or 1
-        init_args["object_store_memory"] = object_store_mb << 20
-        if temp_dir:
-            init_args["_temp_dir"] = temp_dir
-    return {
-        "init_args": init_args,
-        "client_resources": {"num_cpus": client_cpus, "num_gpus": 0.0},
-    }
-
-
-class _DropDeprecation(logging.Filter):
-    """Hide Flower's notice that ``run_simulation`` is deprecated (we use it on purpose)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "run_simulation` function is deprecated" not in record.getMessage()
-
-
-def _configure_logging(verbose: bool) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("precode_flower",):
-        logger = logging.getLogger(name)
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    for h in flwr_logger.handlers:
-        h.addFilter(_DropDeprecation())
-
-
-def embedded_data_dir(out: Path) -> Path:
-    """A data dir (``out/data``) holding the package's embedded CIFAR-10 default.
-
-    The run's ``data-dir`` then names it, so every reader of the config (clients, the
-    server's evaluation, the auditor's ground truth) loads the same examples.
-    """
-    source = Path(precode_flower.__file__).resolve().parent / "embedded" / "cifar10_default.npz"
-    target = out.resolve() / "data" / "cifar10" / "cifar10_subset.npz"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.is_symlink() and not target.exists():
-        target.unlink()  # a link left by a checkout that has moved or gone: link anew
-    if not target.exists():
-        try:
-            target.symlink_to(source)
-        except OSError:  # no symlinks here: copy the 7 MB file
-            shutil.copyfile(source, target)
-    return target.parent.parent
-
-
-def _data_source(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    source = args.data_source
-    if source is None:  # the quick default: the embedded CIFAR-10 unless told otherwise
-        return "embedded" if args.dataset == "cifar10" and not args.data_dir else "auto"
-    if source == "embedded" and (args.dataset != "cifar10" or args.data_dir):
-        parser.error("--data-source embedded: only cifar10 has an embedded default (no --data-dir)")
-    return source
-
-
-def build_parser() -> OneLineParser:
-    parser = OneLineParser(
-        prog="simulate.py", description="Simulate a PRECODE federation with Flower + Ray."
-    )
-    add_training_args(parser, default_clients=10)
-    add_audit_args(parser, simulation=True)
-    r = parser.add_argument_group("simulation")
-    r.add_argument(
-        "--ray-address", default=None, help="run on an existing Ray cluster (host:port or auto)"
-    )
-    r.add_argument(
-        "--client-cpus",
-        type=float,
-        default=1.0,
-        help="CPUs per client actor (<= the machine's; fewer means more parallel clients)",
-    )
-    r.add_argument(
-        "--object-store-mb",
-        type=int,
-        default=None,
-        help="object store of the local Ray instance in MiB (messages in flight live there; "
-        f"default: room for a round's updates and two models, at least {DEFAULT_OBJECT_STORE_MB})",
-    )
-    r.add_argument(
-        "--actor-queue-depth",
-        type=int,
-        default=ACTOR_QUEUE_DEPTH,
-        help=f"client tasks queued per actor (default {ACTOR_QUEUE_DEPTH}: the next one waits "
-        "in the actor while it runs one, but also behind a client that hangs; 1: Flower's pool)",
-    )
-    r.add_argument(
-        "--ray-temp-dir",
-        default=None,
-        help="temp dir of the local Ray instance (default: a fresh tmp dir, removed afterwards)",
-    )
-    r.add_argument(
-        "--data-source",
-        choices=("embedded", "auto"),
-        default=None,
-        help="embedded: the package's small CIFAR-10 (2,000 train / 500 test; the default for "
-        "cifar10 without --data-dir); auto: --data-dir, else the offline data pack, else embedded",
-    )
-    r.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    r.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:  # --audit turns the evaluation channel on, unless --no-audit-ground-truth
-        args.audit_ground_truth = simulation_ground_truth(args)
-    except ValueError as err:
-        parser.error(str(err))
-    cfg = config_from_args(parser, args)
-    cpus = os.cpu_count() or 1
-    if not 0 < args.client_cpus <= cpus and args.ray_address is None:
-        parser.error(f"--client-cpus must be in (0, {cpus}] on this machine")
-    if args.actor_queue_depth < 1:
-        parser.error(f"--actor-queue-depth must be at least 1, got {args.actor_queue_depth}")
-    if args.object_store_mb is not None and args.object_store_mb < MIN_OBJECT_STORE_MB:
-        parser.error(f"--object-store-mb must be at least {MIN_OBJECT_STORE_MB} (Ray's minimum)")
-    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-    if args.ray_address is None or args.ray_address.rsplit(":", 1)[0] in LOOPBACK:
-        # Must be set before Ray is imported; see the module docstring.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
-    # Ray's processes are multi-threaded; glibc then keeps up to 8 malloc arenas per core
-    # per process, and the client actors' freed message buffers stay resident. Two arenas
-    # cut the actors' memory by about a fifth (see docs/BENCHMARKS.md, Federation overhead).
-    os.environ.setdefault("MALLOC_ARENA_MAX", "2")
-    try:
-        heap.limit_malloc_arenas(int(os.environ["MALLOC_ARENA_MAX"]))
-    except ValueError:
-        pass  # a malformed value in the environment: glibc ignores it there too
-    out = out_dir_from_args(parser, args)
-    if _data_source(parser, args) == "embedded":
-        cfg = dataclasses.replace(cfg, data_dir=str(embedded_data_dir(out)))
-    if args.resume:  # a missing, corrupted or foreign checkpoint: exit 2 before Ray starts
-        check_resumable(parser, cfg, out)
-
-    _configure_logging(args.verbose)
-    try:  # starts the audit workers; fails here on a senseless budget or device
-        audit = audit_from_args(args, out, ground_truth=cfg.audit_ground_truth)
-    except ValueError as err:
-        parser.error(str(err))
-
-    # Imported after the flags are checked: Flower, Ray and torch take seconds to import.
-    from flwr.simulation import run_simulation
-
-    from precode_flower.clients.client_app import app as client_app
-    from precode_flower.federation.app import make_server_app
-    from precode_flower.strategies.ray_transport import (
-        SharedModelGrid,
-        install_pipelined_actor_pool,
-        install_prompt_feeder,
-        install_reply_wakeup,
-    )
-
-    install_prompt_feeder()  # clients start right after each push, not within 0.1 s
-    install_reply_wakeup()  # the server waits for replies instead of polling for them
-    install_pipelined_actor_pool(args.actor_queue_depth)  # the next task waits in the actor
-
-    own_tmp = temp_dir = None
-    if args.ray_address is None:
-        temp_dir = args.ray_temp_dir
-        if temp_dir is None:
-            # Short path: Ray's unix sockets live under it (path length limit ~107 bytes).
-            temp_dir = own_tmp = tempfile.mkdtemp(prefix="ray-")
-        temp_dir = str(Path(temp_dir).resolve())
-        Path(temp_dir).mkdir(parents=True, exist_ok=True)
-        os.environ["RAY_TMPDIR"] = temp_dir  # also Ray's files outside the session dir
-    store_mb = args.object_store_mb
-    if store_mb is None:  # (an existing cluster brings its own store: not used there)
-        store_mb = object_store_mb(cfg) if args.ray_address is None else DEFAULT_OBJECT_STORE_MB
-    started = time.perf_counter()
-    try:
-        run_simulation(
-            server_app=make_server_app(
-                cfg,
-                out,
-                observers=[audit] if audit else (),
-                progress=not args.no_progress,
-                resume=bool(args.resume),
-                grid_wrapper=SharedModelGrid,  # the global model crosses Ray's store once
-            ),
-            client_app=client_app,
-            num_supernodes=cfg.clients,
-            backend_name="ray",
-            backend_config=backend_config(
-                ray_address=args.ray_address,
-                temp_dir=temp_dir,
-                client_cpus=args.client_cpus,
-                verbose=args.verbose,
-                object_store_mb=store_mb,
-            ),
-            verbose_logging=args.verbose,
-        )
-    finally:
-        if own_tmp:
-            shutil.rmtree(own_tmp, ignore_errors=True)
-    rounds = out / "rounds.jsonl"
-    done = len(rounds.read_text().splitlines()) if rounds.exists() else 0
-    print(f"{done}/{cfg.rounds} rounds in {time.perf_counter() - started:.1f} s; results in {out}")
-    return 0 if done == cfg.rounds else 1
-
+__all__ = [
+    "DEFAULT_OBJECT_STORE_MB",
+    "LOOPBACK",
+    "MIN_OBJECT_STORE_MB",
+    "backend_config",
+    "build_parser",
+    "choose_transport",
+    "embedded_data_dir",
+    "main",
+    "object_store_mb",
+]
 
 if __name__ == "__main__":
     sys.exit(main())
