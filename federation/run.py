@@ -146,6 +146,8 @@ def run_federation(
         "resumed_after": done or None,
         "initial": round_log.initial,
         "final_test_accuracy": round_log.rows[-1]["test_accuracy"] if round_log.rows else None,
+        "rejected_replies": sum(r.get("rejected", 0) for r in round_log.rows),
+        "non_finite_replies": round_log.non_finite,
         "seconds": round(time.perf_counter() - started, 3),
         "data_source": bundle.source,
     }
@@ -153,6 +155,15 @@ def run_federation(
     if privacy_summary is not None:  # dp-server / dp-client
         summary["privacy"] = privacy_summary()
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if round_log.non_finite:
+        log.warning(
+            "%d client update(s) over the run were non-finite (NaN/Inf) and rejected: local "
+            "training diverged (lr %s, server-lr %s, beta %s; try a smaller learning rate)",
+            round_log.non_finite,
+            cfg.lr,
+            cfg.server_lr,
+            cfg.beta,
+        )
     try:
         plot_accuracy(
             round_log.rows,

@@ -48,6 +48,8 @@ class RoundLog:
         self.observed = observed
         self.rounds = rounds
         self.initial: dict[str, float] = {}
+        #: Replies rejected for NaN/Inf values over the run (from the rows kept on resume too).
+        self.non_finite = sum(r.get("non_finite", 0) for r in self.rows)
         self.bar = tqdm(
             total=rounds,
             initial=resume_after,
@@ -71,6 +73,7 @@ class RoundLog:
             "clients": rec.clients,
             "partitions": rec.partitions,
             "rejected": rec.rejected,
+            "non_finite": non_finite(rec.rejections),
             "failed": rec.failed,
             "dropped": rec.dropped,
             "train_loss": train.get("train-loss"),
@@ -100,6 +103,12 @@ class RoundLog:
             if rec.rejected or rec.failed or rec.dropped
             else ""
         )
+        if row["non_finite"]:
+            self.non_finite += row["non_finite"]
+            extra += (
+                f" [{row['non_finite']} client(s) sent non-finite (NaN/Inf) updates: training "
+                "diverged; lower --lr (FedAvg) or --server-lr (FedSGD), or --beta]"
+            )
         if rec.skipped:
             extra += f" [round skipped, model unchanged: {rec.skipped}]"
         if row.get("dp_epsilon") is not None:
@@ -113,6 +122,12 @@ class RoundLog:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def non_finite(rejections: list[dict[str, Any]]) -> int:
+    """How many of a round's rejections were for NaN/Inf values (``finite_values``' reasons)."""
+    marks = ("contains NaN", "contains Inf", "is not finite")
+    return sum(any(m in str(r.get("reason", "")) for m in marks) for r in rejections)
 
 
 def _round_status(observer: Observer) -> Any:
