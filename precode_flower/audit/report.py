@@ -1,0 +1,253 @@
+"""Reporting: per-round console lines, verdicts and the Markdown summary (pure functions of
+the ``leakage.jsonl`` rows)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+#: Row statuses in ``leakage.jsonl``.
+STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "dropped")
+#: Default SSIM from which a reconstruction counts as a successful attack.
+DEFAULT_SUCCESS_SSIM = 0.6
+
+
+def _mean(values: Iterable[Any]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def _fmt(value: float | None, spec: str = ".2f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def image_successes(row: Mapping[str, Any], success_ssim: float) -> tuple[int, int]:
+    """(images this scored row reconstructed successfully, images behind the update)."""
+    total = int(row.get("batch_size") or 1)
+    if row.get("attack") == "labels":  # no images: the leak is the labels themselves
+        acc = row.get("label_accuracy")
+        return (round(acc * total) if acc is not None else 0), total
+    per_image = row.get("per_image")
+    ssims = per_image.get("ssim") if isinstance(per_image, Mapping) else None
+    if isinstance(ssims, list) and ssims and all(v is not None for v in ssims):
+        return sum(v >= success_ssim for v in ssims), len(ssims)
+    return (total if row.get("success") else 0), total
+
+
+def round_leakage(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str]) -> str:
+    """Compact per-attack leakage of one round: ``"analytic 2/2 ssim 1.00, ig 0/2 ssim 0.12"``.
+
+    Scored rows give successes/scored updates and the mean SSIM; unscored rows give the
+    number of reconstructions (and the attack's own exact-recovery claims); failures are
+    counted by status.
+    """
+    parts = []
+    for attack in attacks:
+        mine = [r for r in rows if r.get("attack") == attack]
+        ok = [r for r in mine if r.get("status") == "ok"]
+        scored = [r for r in ok if r.get("scored")]
+        if scored:
+            hits = sum(bool(r.get("success")) for r in scored)
+            text = f"{attack} {hits}/{len(scored)}"
+            ssim = _mean(r.get("ssim") for r in scored)
+            if ssim is not None:
+                text += f" ssim {ssim:.2f}"
+            elif attack == "labels":
+                text += f" label-acc {_fmt(_mean(r.get('label_accuracy') for r in scored))}"
+        elif ok:
+            text = f"{attack} {len(ok)} unscored"
+            claims = [r["recovered"] for r in ok if r.get("recovered") is not None]
+            if claims:
+                text += f" (claims {sum(claims)}/{sum(r['batch_size'] for r in ok)} exact)"
+        else:
+            text = f"{attack} -"
+        fails = {s: sum(r.get("status") == s for r in mine) for s in STATUSES[1:]}
+        fails_text = ", ".join(f"{n} {s}" for s, n in fails.items() if n)
+        parts.append(text + (f" [{fails_text}]" if fails_text else ""))
+    return ", ".join(parts)
+
+
+def verdicts(
+    rows: Sequence[Mapping[str, Any]],
+    attacks: Sequence[str],
+    defenses: Sequence[str] | None = None,
+    success_ssim: float = DEFAULT_SUCCESS_SSIM,
+    recon_dir: str | os.PathLike[str] | None = None,
+) -> list[str]:
+    """One verdict line per configured defense, naming the attacks that succeeded.
+
+    The wording never claims safety: a verdict is evidence from the attacks tried.
+    """
+    defenses = list(defenses or dict.fromkeys(str(r.get("defense", "none")) for r in rows))
+    lines = []
+    for defense in defenses:
+        mine = [r for r in rows if str(r.get("defense", "none")) == defense]
+        where = "with no defense" if defense in ("none", "") else f"despite defense {defense}"
+        under = "with no defense" if defense in ("none", "") else f"under defense {defense}"
+        ok = [r for r in mine if r.get("status") == "ok"]
+        scored = [r for r in ok if r.get("scored")]
+        failed = len(mine) - len(ok)
+        fail_note = f" ({failed} attack runs failed, timed out or were dropped)" if failed else ""
+        if not mine:
+            lines.append(f"NOTHING AUDITED {under}.")
+        elif not ok:
+            lines.append(f"NO EVIDENCE {under}: every attack run failed{fail_note}.")
+        elif scored:
+            leaks, best = [], None
+            for attack in attacks:
+                a_rows = [r for r in scored if r.get("attack") == attack]
+                if not a_rows:
+                    continue
+                hits = [image_successes(r, success_ssim) for r in a_rows]
+                k, n = sum(h for h, _ in hits), sum(t for _, t in hits)
+                ssim = _mean(r.get("ssim") for r in a_rows)
+                if attack != "labels" and ssim is not None and (best is None or ssim > best[1]):
+                    best = (attack, ssim)
+                if k and attack == "labels":
+                    acc = _mean(r.get("label_accuracy") for r in a_rows)
+                    leaks.append(
+                        f"labels recovered the labels of {k}/{n} audited images "
+                        f"(label accuracy {_fmt(acc)})"
+                    )
+                elif k:
+                    leaks.append(
+                        f"{attack} reconstructed {k}/{n} audited images (SSIM {_fmt(ssim)})"
+                    )
+            if leaks:
+                lines.append(f"LEAK: {'; '.join(leaks)} {where}{fail_note}.")
+            else:
+                tried = ", ".join(a for a in attacks if any(r.get("attack") == a for r in scored))
+                best_text = f"; best mean SSIM {best[1]:.2f} by {best[0]}" if best else ""
+                lines.append(
+                    f"NO LEAK FOUND {under}: no reconstruction by {tried} reached SSIM "
+                    f"{success_ssim:.2f}{best_text}{fail_note}. This is evidence from these "
+                    "attacks at this budget, not a guarantee: a stronger attack, a larger "
+                    "budget or other rounds may still recover the data."
+                )
+        else:
+            evidence = []
+            for attack in attacks:
+                a_rows = [r for r in ok if r.get("attack") == attack]
+                if not a_rows:
+                    continue
+                text = f"{attack}: {len(a_rows)} reconstruction(s)"
+                claims = [r["recovered"] for r in a_rows if r.get("recovered") is not None]
+                if claims:
+                    total = sum(int(r.get("batch_size") or 1) for r in a_rows)
+                    text += f", claims exact recovery of {sum(claims)}/{total} images"
+                losses = [r.get("loss") for r in a_rows if r.get("loss") is not None]
+                if losses:
+                    text += f", median final attack loss {statistics.median(losses):.3g}"
+                if any(r.get("labels") is not None for r in a_rows):
+                    text += ", labels recovered"
+                evidence.append(text)
+            place = f" in {recon_dir}" if recon_dir else ""
+            lines.append(
+                f"SCORES UNAVAILABLE {under}: no ground truth (deployment), so leakage cannot "
+                f"be measured. Evidence: {'; '.join(evidence)}{fail_note}. Inspect the "
+                f"reconstructions{place}."
+            )
+    return lines
+
+
+def summarize(
+    rows: Sequence[Mapping[str, Any]],
+    attacks: Sequence[str],
+    *,
+    defenses: Sequence[str] | None = None,
+    success_ssim: float = DEFAULT_SUCCESS_SSIM,
+    recon_dir: str | os.PathLike[str] | None = None,
+    grids: int = 0,
+    jsonl: str | os.PathLike[str] | None = None,
+    plot: str | os.PathLike[str] | None = None,
+    dropped_jobs: int = 0,
+    abandoned: int = 0,
+    budget: str = "",
+) -> str:
+    """The Markdown summary: verdicts, a per-attack table, outputs and failures."""
+    rounds = sorted({r["round"] for r in rows})
+    updates = {(r["round"], str(r["client"])) for r in rows}
+    scored_any = any(r.get("scored") for r in rows)
+    out = ["# Leakage audit", ""]
+    out.append(
+        f"Honest-but-curious server audit: {', '.join(attacks)} on {len(updates)} client "
+        f"update(s) from {len(rounds)} round(s)" + (f" ({budget})." if budget else ".")
+    )
+    if scored_any:
+        out.append(
+            f"Scored against the clients' true data from the explicit evaluation channel; "
+            f"success = SSIM >= {success_ssim:.2f}."
+        )
+    else:
+        out.append(
+            "No ground truth (deployment, or the evaluation channel was off): "
+            "scores are unavailable; the reference-free evidence is shown."
+        )
+    out += ["", "## Verdict", ""]
+    out += [f"- {line}" for line in verdicts(rows, attacks, defenses, success_ssim, recon_dir)]
+    out += [
+        "",
+        "A verdict is evidence from the attacks tried, at their budget, on the audited "
+        "rounds and clients. It is never a proof of privacy.",
+        "",
+        "## Per attack",
+        "",
+        "| defense | attack | runs | ok | error | timeout | dropped | images recovered "
+        "| mean PSNR (dB) "
+        "| mean SSIM | label acc. | mean s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    all_defenses = list(defenses or dict.fromkeys(str(r.get("defense", "none")) for r in rows))
+    for defense in all_defenses:
+        for attack in attacks:
+            mine = [
+                r
+                for r in rows
+                if r.get("attack") == attack and str(r.get("defense", "none")) == defense
+            ]
+            if not mine:
+                continue
+            count = {s: sum(r.get("status") == s for r in mine) for s in STATUSES}
+            scored = [r for r in mine if r.get("status") == "ok" and r.get("scored")]
+            hits = [image_successes(r, success_ssim) for r in scored]
+            rate = f"{sum(h for h, _ in hits)}/{sum(n for _, n in hits)}" if scored else "n/a"
+            images = attack != "labels"  # the label attack reconstructs no image
+            psnr = _mean(r.get("psnr") for r in scored) if images else None
+            ssim = _mean(r.get("ssim") for r in scored) if images else None
+            acc = _mean(r.get("label_accuracy") for r in scored)
+            secs = _mean(r.get("seconds") for r in mine if r.get("status") == "ok")
+            out.append(
+                f"| {defense} | {attack} | {len(mine)} | {count['ok']} | {count['error']} | "
+                f"{count['timeout']} | {count['dropped']} | {rate} | {_fmt(psnr, '.1f')} | "
+                f"{_fmt(ssim)} | {_fmt(acc)} | {_fmt(secs, '.1f')} |"
+            )
+    out += ["", "## Outputs", ""]
+    if jsonl:
+        out.append(f"- per (round, client, attack) results: `{jsonl}`")
+    if plot:
+        out.append(f"- leakage over rounds: `{plot}`")
+    if recon_dir:
+        n_tensors = sum(bool(r.get("reconstruction")) for r in rows)
+        out.append(
+            f"- reconstructions, owner-only (directory 0700, files 0600): `{recon_dir}` "
+            f"({grids} round grid(s), {n_tensors} tensor file(s)). They may show the clients' "
+            "private data: share them as you would the data itself."
+        )
+    if dropped_jobs or abandoned:
+        out.append(
+            f"- lost work: {dropped_jobs} job(s) dropped at submission (queue full or closed), "
+            f"{abandoned} attack run(s) abandoned at close"
+        )
+    failures = [r for r in rows if r.get("status") in ("error", "timeout")]
+    if failures:
+        out += ["", "## Failures", ""]
+        for r in failures[:10]:
+            out.append(
+                f"- round {r['round']} client {r['client']} {r['attack']}: {r['status']}: "
+                f"{r.get('error')}"
+            )
+        if len(failures) > 10:
+            out.append(f"- ... and {len(failures) - 10} more in `{jsonl or 'leakage.jsonl'}`")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,182 @@
+"""The worker process: holds one job's payload, runs attacks on it, sends rows back.
+
+Runs in a spawned process (see :class:`~precode_flower.audit.auditor.LeakageAuditor` for
+why processes). Each worker uses few torch threads so that an audit cannot take every core
+from training.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import traceback
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..attacks import ATTACKS
+from .jobs import copy_model
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` takes keyword ``name`` (explicitly or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _build_model(payload: dict[str, Any], device: torch.device) -> nn.Module:
+    spec = payload["model"]
+    model = spec if isinstance(spec, nn.Module) else spec()
+    if payload["global_state"] is not None:
+        model.load_state_dict(payload["global_state"], strict=True)
+    return model.to(device)
+
+
+def attack_inputs(
+    payload: Mapping[str, Any], attack: str
+) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
+    """(tensors to pass as ``gradients``, extra options, whether they are pseudo-gradients).
+
+    ``fedavg`` inverts a weight update; the gradient attacks need gradients. A FedSGD gradient
+    is the weight update of one step at lr 1 (with the sign flipped); a FedAvg update of ``s``
+    steps at learning rate ``lr`` is approximated by the pseudo-gradient
+    ``-(new - old) / (lr * s)`` (exact for one full-batch step of plain SGD).
+    """
+    update: dict[str, Tensor] = payload["update"]
+    kind = payload["kind"]
+    if attack == "fedavg":
+        if kind == "weights":
+            opts = {
+                "local_steps": payload["local_steps"],
+                "local_lr": payload["lr"],
+                "local_batch_size": payload["local_batch_size"] or payload["batch_size"],
+            }
+            return update, opts, False
+        delta = {k: -v for k, v in update.items()}
+        opts = {"local_steps": 1, "local_lr": 1.0, "local_batch_size": payload["batch_size"]}
+        return delta, opts, False
+    if kind == "gradients":
+        return update, {}, False
+    if not payload["lr"]:
+        raise ValueError(f"{attack}: a weight update needs the local learning rate (lr)")
+    scale = float(payload["lr"]) * max(int(payload["local_steps"]), 1)
+    return {k: -v / scale for k, v in update.items()}, {}, True
+
+
+def _run_attack(
+    payload: dict[str, Any],
+    model: nn.Module,
+    attack: str,
+    options: dict[str, Any],
+    seed: int,
+    success_ssim: float,
+) -> tuple[dict[str, Any], Tensor | None]:
+    """Run one attack on one update; score it where ground truth came with the job."""
+    from ..attacks import reconstruct
+    from ..metrics import score
+
+    fn = ATTACKS[attack]
+    tensors, extra, pseudo = attack_inputs(payload, attack)
+    opts = {k: v for k, v in {**extra, **options}.items() if v is not None and _accepts(fn, k)}
+    result = reconstruct(
+        attack,
+        copy_model(model),  # attacks must leave the model alone; a copy makes sure
+        tensors,
+        input_shape=payload["input_shape"],
+        mean=payload["mean"],
+        std=payload["std"],
+        batch_size=payload["batch_size"],
+        seed=seed,
+        **opts,
+    )
+    row: dict[str, Any] = {
+        "status": "ok",
+        "error": None,
+        "seconds": result.seconds,
+        "loss": result.loss,
+        "labels": None if result.labels is None else result.labels.tolist(),
+        "recovered": result.recovered,
+        "pseudo_gradient": pseudo,
+        "info": result.info,
+        "scored": False,
+    }
+    truth = payload["ground_truth"]
+    if truth is not None:
+        x, y = truth
+        scores = score(result, x, y, payload["mean"], payload["std"], success_ssim=success_ssim)
+        for key in ("attack", "batch_size", "seconds", "loss", "recovered"):  # ours stay
+            scores.pop(key, None)
+        row.update(scores)
+        row["scored"] = True
+    images = None if result.images is None else result.images.detach().cpu()
+    return row, images
+
+
+def _prefer_oom_kill() -> None:
+    """Ask Linux's out-of-memory killer to pick this worker first (oom_score_adj 1000).
+
+    An attack that exhausts memory then costs its own worker (replaced, the run logged as
+    an error), never the server; raising one's own score needs no privilege.
+    """
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write("1000")
+    except OSError:
+        pass  # not Linux, or /proc not writable: nothing to do
+
+
+def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None:
+    """Worker loop: hold one job's payload, run attacks on it, send rows back."""
+    torch.set_num_threads(threads)
+    _prefer_oom_kill()
+    dev = torch.device(device)
+    # Import what scoring needs before reporting ready, so that the first attack's wall time
+    # (and its time limit) does not include seconds of imports (torchmetrics, scipy).
+    from .. import metrics
+
+    metrics.preload()
+
+    if nice and hasattr(os, "nice"):
+        # Training first: attacks take the CPU time that training leaves. Only now, so that a
+        # busy machine does not starve the worker's start-up.
+        os.nice(nice)
+    conn.send(("ready", os.getpid()))
+    payload: dict[str, Any] | None = None
+    model: nn.Module | None = None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        if msg[0] == "job":
+            payload, model = msg[2], None
+            continue
+        _, task_id, attack, module, options, seed, success_ssim = msg
+        images = None
+        try:
+            if attack not in ATTACKS and module:  # registered outside the package: import it
+                importlib.import_module(module)
+            if payload is None:
+                raise RuntimeError("no job payload received")
+            if model is None:
+                model = _build_model(payload, dev)
+            row, images = _run_attack(payload, model, attack, options, seed, success_ssim)
+        except Exception as e:  # a failing attack is a result, not a worker crash
+            row = {
+                "status": "error",
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(limit=-6),
+            }
+        try:
+            conn.send(("result", task_id, row, images))
+        except Exception as e:  # e.g. an unpicklable info value
+            conn.send(("result", task_id, {"status": "error", "error": f"unsendable: {e}"}, None))
