@@ -63,19 +63,19 @@ from typing import Any
 
 import precode_flower
 from precode_flower import heap, task
-from precode_flower.strategies.auditor import (
-    add_audit_args,
-    audit_from_args,
-    simulation_ground_truth,
-)
-from precode_flower.strategies.ray_transport import ACTOR_QUEUE_DEPTH
-from server import (
+from precode_flower.federation.flags import (
     OneLineParser,
     add_training_args,
     check_resumable,
     config_from_args,
     out_dir_from_args,
 )
+from precode_flower.strategies.auditor import (
+    add_audit_args,
+    audit_from_args,
+    simulation_ground_truth,
+)
+from precode_flower.strategies.ray_transport import ACTOR_QUEUE_DEPTH
 
 LOOPBACK = {"127.0.0.1", "localhost"}
 
@@ -141,7 +141,7 @@ class _DropDeprecation(logging.Filter):
 def _configure_logging(verbose: bool) -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    for name in ("strategies", "precode_flower", "clients"):
+    for name in ("precode_flower",):
         logger = logging.getLogger(name)
         logger.addHandler(handler)
         logger.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -270,13 +270,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flwr.simulation import run_simulation
 
     from precode_flower.clients.client_app import app as client_app
+    from precode_flower.federation.app import make_server_app
     from precode_flower.strategies.ray_transport import (
         SharedModelGrid,
         install_pipelined_actor_pool,
         install_prompt_feeder,
         install_reply_wakeup,
     )
-    from server import make_server_app
 
     install_prompt_feeder()  # clients start right after each push, not within 0.1 s
     install_reply_wakeup()  # the server waits for replies instead of polling for them

@@ -255,7 +255,8 @@ def plain_rounds(cfg: task.RunConfig, rounds: int, workers: int, threads: int) -
     Like the simulation's actors (``threads`` CPUs each, as many as fit the cores),
     ``workers`` threads run the clients, each with its own model, and torch uses
     ``threads`` threads per operation (torch releases the GIL inside operations, so the
-    worker threads compute in parallel). Scheduled as :func:`server.train_rounds` does it:
+    worker threads compute in parallel). Scheduled as
+    :func:`precode_flower.federation.rounds.train_rounds` does it:
     round r's client and central evaluations are queued right after its FedAvg, round
     r+1's updates right behind them, and a round ends when its evaluations are in; its
     time is from the previous round's end to its own.

@@ -1,11 +1,12 @@
-"""Import the Flower glue as ``precode_flower.strategies`` and ``precode_flower.clients``.
+"""Import the Flower glue as ``precode_flower.strategies``, ``.clients`` and ``.federation``.
 
-The repository keeps the Flower glue beside the core (``strategies/``, ``clients/`` at the
-root), while an installed package holds it inside ``precode_flower/`` (``package-dir`` in
-pyproject.toml), so that no generic top-level name is ever installed. A source tree that is
-not installed that way, a checkout run from its root or a Flower app bundle (FAB) that a
-SuperLink unpacks, would otherwise find ``precode_flower`` but not its glue; this finder maps
-the two names onto the directories beside the package, and only for a precode-flower tree.
+The repository keeps the Flower glue beside the core (``strategies/``, ``clients/``,
+``federation/`` at the root), while an installed package holds it inside
+``precode_flower/`` (``package-dir`` in pyproject.toml), so that no generic top-level name
+is ever installed. A source tree that is not installed that way, a checkout run from its
+root or a Flower app bundle (FAB) that a SuperLink unpacks, would otherwise find
+``precode_flower`` but not its glue; this finder maps the glue names onto the directories
+beside the package, and only for a precode-flower tree.
 This module imports nothing from Flower.
 """
 
@@ -18,7 +19,7 @@ from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 #: Subpackages that live at the repository root in a source tree.
-GLUE = ("strategies", "clients")
+GLUE = ("strategies", "clients", "federation")
 
 
 class _SourceTreeGlue(importlib.abc.MetaPathFinder):
@@ -49,14 +50,19 @@ def _is_source_tree(root: Path) -> bool:
     return 'name = "precode-flower"' in text
 
 
-def install() -> None:
-    """Add the finder when this package sits in a source tree rather than an install."""
+def source_root() -> Path | None:
+    """The precode-flower source tree this package sits in (its root), or None if installed."""
     here = Path(__file__).resolve().parent
     if all((here / name).is_dir() for name in GLUE):
+        return None
+    return here.parent if _is_source_tree(here.parent) else None
+
+
+def install() -> None:
+    """Add the finder when this package sits in a source tree rather than an install."""
+    root = source_root()
+    if root is None:
         return  # installed layout: the glue is inside the package
-    root = here.parent
-    if not _is_source_tree(root):
-        return
     if not any(isinstance(f, _SourceTreeGlue) for f in sys.meta_path):
         # Ahead of setuptools' editable finder, so a tree's own glue wins over another install's.
         sys.meta_path.insert(0, _SourceTreeGlue(root))

@@ -3,9 +3,9 @@ and letting them go once they are aggregated.
 
 Flower's grids push a phase's messages and then pull until every reply is in, one phase at
 a time. Split into ``grid.push_messages`` and :func:`collect_replies`, a server can have two
-phases in flight: :func:`server.train_rounds` sends round r's evaluation and round r+1's
-training together, so the clients never wait for the server between the two.
-:func:`release_arrays` frees a round's updates as soon as they are aggregated
+phases in flight: :func:`~precode_flower.federation.rounds.train_rounds` sends round r's
+evaluation and round r+1's training together, so the clients never wait for the server
+between the two. :func:`release_arrays` frees a round's updates as soon as they are aggregated
 (:class:`~strategies.observed.Observed` calls it).
 """
 

@@ -26,7 +26,7 @@ BIN = Path(sys.executable).parent
 def test_pyproject_declares_the_flower_app_and_every_run_config_key() -> None:
     flwr = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]
     assert flwr["components"] == {
-        "serverapp": "server:app",
+        "serverapp": "precode_flower.federation.app:app",
         "clientapp": "precode_flower.clients.client_app:app",
     }
     config = flwr["config"]

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 import simulate
 from precode_flower import data, task
 from precode_flower.clients.client_app import app as client_app
 from precode_flower.processes import session_pids, stop_sessions
 from precode_flower.strategies import Observed
+from precode_flower.training import evaluate
 from server import make_strategy, make_validator, run_federation, train_rounds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +204,55 @@ def test_evaluation_overlaps_central_evaluation_and_next_training(inprocess_grid
 
     with pytest.raises(RuntimeError, match="central evaluation failed"):
         train_rounds(observed, grid, ArrayRecord(model.state_dict()), cfg, evaluate_fn=failing)
+
+
+@pytest.mark.usefixtures("task_identity")
+@pytest.mark.parametrize("mode", ["fedavg", "fedsgd"])
+def test_round_loop_gives_flowers_start_model_where_they_agree(mode, inprocess_grid) -> None:
+    """Every node online, rounds 1..n: train_rounds (pipelined, seeded per round) and
+    Flower's Strategy.start (sequential) end on bitwise the same model, with the same
+    per-round aggregated metrics and the same central evaluations."""
+    cfg = task.RunConfig(mode=mode, clients=3, rounds=2, local_steps=2, batch_size=8)
+    bundle = data.load(cfg.dataset, cfg.data_dir or None)
+    model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=cfg.seed)
+    keys = [n for n, _ in model.named_parameters()]
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def observed() -> Observed:
+        strategy = make_strategy(cfg, keys)
+        return Observed(strategy, validator=make_validator(cfg, strategy), sort_replies=True)
+
+    def central(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        task.load_state(model, arrays.to_torch_state_dict())
+        stats = evaluate(model, bundle.test)
+        return MetricRecord({"loss": stats.loss, "accuracy": stats.accuracy})
+
+    ours_central: dict[int, MetricRecord] = {}
+    ours = observed()
+    final = train_rounds(
+        ours, inprocess_grid(client_app, 3), ArrayRecord(initial), cfg,
+        evaluate_fn=central,
+        after_round=lambda r, _arrays, result: ours_central.__setitem__(r, result),
+    )  # fmt: skip
+    theirs = observed()
+    result = theirs.start(
+        inprocess_grid(client_app, 3),
+        ArrayRecord(initial),
+        num_rounds=cfg.rounds,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord(cfg.to_config()),
+        evaluate_config=ConfigRecord(cfg.to_config()),
+        evaluate_fn=central,
+    )
+    mine, flowers = final.to_torch_state_dict(), result.arrays.to_torch_state_dict()
+    assert mine.keys() == flowers.keys()
+    assert all(torch.equal(mine[k], flowers[k]) for k in mine)
+    assert not all(torch.equal(mine[k], initial[k]) for k in mine)  # it did train
+    for r in range(1, cfg.rounds + 1):
+        assert result.train_metrics_clientapp[r] and result.evaluate_metrics_serverapp[r]
+        assert ours.record(r).train_metrics == dict(result.train_metrics_clientapp[r])
+        assert ours.record(r).evaluate_metrics == dict(result.evaluate_metrics_clientapp[r])
+        assert dict(ours_central[r]) == dict(result.evaluate_metrics_serverapp[r])
 
 
 @pytest.mark.slow

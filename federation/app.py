@@ -1,0 +1,66 @@
+"""Flower's ServerApp: ``app`` for ``flwr run`` and the SuperLink, and one for simulations.
+
+``app`` (the ``serverapp`` component in pyproject.toml) reads the run config
+(``[tool.flwr.app.config]``, overridable with ``--run-config``; ``out-dir``, ``resume`` and
+the ``audit*`` keys besides :class:`~precode_flower.task.RunConfig`'s) and runs
+:func:`~precode_flower.federation.run.run_federation` on the Grid it is given.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from precode_flower import task
+from precode_flower.strategies import Observer
+from precode_flower.strategies.auditor import audit_from_run_config
+
+from .run import default_out_dir, load_resume_checkpoint, run_federation
+
+
+def make_server_app(
+    cfg: task.RunConfig,
+    out_dir: str | Path,
+    *,
+    observers: Sequence[Observer] = (),
+    progress: bool = True,
+    resume: bool = False,
+    grid_wrapper: Callable[[Grid], Grid] | None = None,
+) -> ServerApp:
+    """A ServerApp that runs ``cfg`` (for ``run_simulation``, which ignores run configs).
+
+    ``grid_wrapper``: applied to the Grid that Flower gives the app (simulate.py's
+    :class:`~precode_flower.strategies.ray_transport.SharedModelGrid`).
+    """
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        if grid_wrapper is not None:
+            grid = grid_wrapper(grid)
+        run_federation(grid, cfg, out_dir, observers=observers, progress=progress, resume=resume)
+
+    return server_app
+
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point of ``flwr run`` / the SuperLink: the config comes from the run config."""
+    cfg = task.RunConfig.from_mapping(context.run_config)
+    out = str(cfg.extra.get("out-dir") or "") or default_out_dir()
+    resume = str(cfg.extra.get("resume", False)).strip().lower() in ("1", "true", "yes")
+    if resume and not cfg.extra.get("out-dir"):
+        raise ValueError("resume needs out-dir: the run directory holding checkpoint.pt")
+    if resume:  # fail before the audit starts workers
+        load_resume_checkpoint(cfg, out)
+    # The honest-but-curious audit, if the run config asks for it (no ground truth here).
+    audit = audit_from_run_config(context.run_config, out, seed=cfg.seed)
+    run_federation(
+        grid, cfg, out, observers=[audit] if audit else (), progress=False, resume=resume
+    )
