@@ -76,3 +76,15 @@ def test_impossible_settings_are_refused_in_one_line(kwargs: dict, message: str)
     with pytest.raises(ValueError, match=message.replace("(", r"\(")) as err:
         task.RunConfig(**kwargs)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "aggregation, strategy",
+    [("mean", "FedAvg"), ("trimmed-mean", "FedTrimmedAvg"), ("median", "FedMedian"),
+     ("krum", "Krum")],
+)  # fmt: skip
+def test_aggregation_selects_flowers_robust_strategies(aggregation: str, strategy: str) -> None:
+    from precode_flower.federation import make_strategy
+
+    cfg = task.RunConfig(mode="fedavg", aggregation=aggregation)
+    assert type(make_strategy(cfg, ["w"])).__name__ == strategy
