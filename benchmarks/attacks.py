@@ -205,15 +205,20 @@ def noise_effect(x_all, y_all, indices: list[int]) -> dict[str, float]:
     out = {}
     for arch in ("mlp", "convnet"):
         model = make(arch, True)
+        (_, vb), stds = pf.bottlenecks(model)[0], []
+        # The posterior std the images get (the bottleneck's own posterior of its input).
+        hook = vb.register_forward_pre_hook(
+            lambda m, args, out=stds: out.append(m.posterior(args[0])[1].mean().item())
+        )
         sims = []
         for i in indices:
             x, y = x_all[i : i + 1], y_all[i : i + 1]
             a = torch.cat([g.flatten() for g in client_update(model, x, y, i)])
             b = torch.cat([g.flatten() for g in client_update(model, x, y, i + 10_000)])
             sims.append(float(F.cosine_similarity(a, b, dim=0)))
+        hook.remove()
         out[arch] = statistics.mean(sims)
-    std = float(F.softplus(torch.tensor(-pf.VariationalBottleneck(4, 2).std_shift)))
-    out["initial_std"] = std
+        out[f"initial_std_{arch}"] = statistics.mean(stds)
     return out
 
 
@@ -402,8 +407,9 @@ the paper's configuration is 7000.
 
 How much PRECODE's noise changes an update: the cosine similarity between the gradients of
 the same image under two different bottleneck draws is {noise["mlp"]:.4f} (mlp) and
-{noise["convnet"]:.4f} (convnet) on these untrained models, whose posterior std starts at
-softplus(-std_shift) = {noise["initial_std"]:.4f}.
+{noise["convnet"]:.4f} (convnet) on these untrained models, whose posterior std (the paper's
+softplus of the encoder output) is {noise["initial_std_mlp"]:.3f} (mlp) and
+{noise["initial_std_convnet"]:.3f} (convnet) on average over these images.
 
 ![reconstructions]({grid.name})
 """

@@ -5,7 +5,8 @@ epoch), with ``--clients`` clients, for each ``--data-source`` (default: the emb
 2,000-image CIFAR-10, then the offline data pack's 10,000 where there is one):
 
 1. Ray start-up: ``ray.init`` of a local 127.0.0.1 instance until its CPUs are visible.
-2. The simulation: ``simulate.py`` in this process (Ray actors, 1 CPU each); per-round
+2. The simulation: ``simulate.py`` in this process (Ray actors, 1 CPU each), once per
+   ``--transport`` (default: ``fast``, then ``flower``, Flower's engine as it is); per-round
    wall time from its ``rounds.jsonl``.
 3. The plain loops: the same rounds without Flower or Ray: every client's update
    (:func:`precode_flower.task.compute_update`), a FedAvg mean, every client's evaluation
@@ -13,11 +14,11 @@ epoch), with ``--clients`` clients, for each ``--data-source`` (default: the emb
    as cores with one torch thread each (the actors' resources, without their processes),
    once one client at a time with torch on every core. Both are scheduled as the server
    schedules a round: round r's evaluations are queued ahead of round r+1's updates.
-4. Memory: a second, shorter simulation (3 rounds), ``python simulate.py`` in a child
-   process, sampled from /proc every 0.2 s.
+4. Memory: a second, shorter simulation (3 rounds) per transport, ``python simulate.py``
+   in a child process, sampled from /proc every 0.2 s.
 
-Steps 2 and 3 alternate ``--repeats`` times, so that the load of the shared host, which
-drifts over minutes, weighs on both sides alike.
+Steps 2 (every transport) and 3 alternate ``--repeats`` times, so that the load of the
+shared host, which drifts over minutes, weighs on both sides alike.
 
 The overhead ratio of a repeat is the simulated round's time over the faster plain loop's,
 medians of the rounds after the first (it also starts the actors and loads each actor's
@@ -29,7 +30,7 @@ in a run of its own because sampling it slows the simulation it samples.
 
     python benchmarks/federation.py                 # writes docs/BENCHMARKS.md
     python benchmarks/federation.py --clients 4 --rounds 3 --repeats 1 \
-        --data-source embedded --no-write
+        --data-source embedded --transport flower --no-write
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
@@ -197,10 +199,17 @@ def ray_startup(temp_dir: str) -> float:
 
 
 def _simulate_args(
-    clients: int, rounds: int, out: Path, temp_dir: str, client_cpus: float, data_source: str
+    clients: int,
+    rounds: int,
+    out: Path,
+    temp_dir: str,
+    client_cpus: float,
+    data_source: str,
+    transport: str,
 ) -> list[str]:
     """``simulate.py``'s flags for a benchmark run: its defaults but for these."""
     return [
+        "--transport", transport,
         "--clients", str(clients),
         "--rounds", str(rounds),
         "--out", str(out),
@@ -212,10 +221,19 @@ def _simulate_args(
 
 
 def simulated_rounds(
-    clients: int, rounds: int, out: Path, temp_dir: str, client_cpus: float, data_source: str
+    clients: int,
+    rounds: int,
+    out: Path,
+    temp_dir: str,
+    client_cpus: float,
+    data_source: str,
+    transport: str,
 ) -> list[float]:
-    """Per-round seconds of ``simulate.py`` with its defaults (and ``--data-source``)."""
-    code = simulate.main(_simulate_args(clients, rounds, out, temp_dir, client_cpus, data_source))
+    """Per-round seconds of ``simulate.py`` with its defaults (and ``--data-source``,
+    ``--transport``; ``flower`` after ``fast`` in this process restores Flower's engine)."""
+    code = simulate.main(
+        _simulate_args(clients, rounds, out, temp_dir, client_cpus, data_source, transport)
+    )
     if code != 0:
         raise RuntimeError(f"simulate.py failed with exit status {code}")
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -223,14 +241,20 @@ def simulated_rounds(
 
 
 def simulated_memory(
-    clients: int, rounds: int, out: Path, temp_dir: str, client_cpus: float, data_source: str
+    clients: int,
+    rounds: int,
+    out: Path,
+    temp_dir: str,
+    client_cpus: float,
+    data_source: str,
+    transport: str,
 ) -> TreeMemory:
     """Peak memory of ``python simulate.py`` (with its defaults and ``--data-source``) and
     everything it starts, run as a child process."""
     cmd = [
         sys.executable,
         str(REPO / "simulate.py"),
-        *_simulate_args(clients, rounds, out, temp_dir, client_cpus, data_source),
+        *_simulate_args(clients, rounds, out, temp_dir, client_cpus, data_source, transport),
     ]
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -321,13 +345,11 @@ class Measurement:
     source: str
     train_per_client: int
     # Per repeat, per round (seconds):
-    sim: list[list[float]]
+    sim: dict[str, list[list[float]]]  # per transport
     plain: list[list[float]]  # clients on threads, one per actor
     sequential: list[list[float]]  # one client at a time, torch on every core
-    peak_rss: int
-    peak_pss: int
-    procs: int
-    roles: dict[str, int]
+    # Per transport: peak_rss, peak_pss, procs (ints) and roles (PSS by role at the peak).
+    memory: dict[str, dict[str, Any]]
 
 
 MEMORY_ROUNDS = 3  # the memory run: the peak is reached within a round or two
@@ -342,53 +364,55 @@ def measure(args: argparse.Namespace, data_source: str, tmp: Path) -> Measuremen
     plain loop) by up to a fifth. That run is ``python simulate.py`` in a child process,
     the tree a user starts, without this process's data and plain-loop heap.
     """
-    sim: list[list[float]] = []
+    sim: dict[str, list[list[float]]] = {t: [] for t in args.transport}
     plain: list[list[float]] = []
     sequential: list[list[float]] = []
     workers = max(1, int((os.cpu_count() or 1) // args.client_cpus))
     for i in range(args.repeats):
-        run = tmp / f"run-{i}"
-        sim.append(
-            simulated_rounds(
-                args.clients, args.rounds, run, str(tmp / f"ray-{i}"), args.client_cpus,
-                data_source,
-            )
-        )  # fmt: skip
+        for transport in args.transport:
+            run = tmp / f"run-{i}-{transport}"
+            sim[transport].append(
+                simulated_rounds(
+                    args.clients, args.rounds, run, str(tmp / f"ray-{i}-{transport}"),
+                    args.client_cpus, data_source, transport,
+                )
+            )  # fmt: skip
         # The plain loops use exactly the simulated run's config (data included).
         cfg = task.RunConfig.from_mapping(json.loads((run / "config.json").read_text()))
         plain.append(plain_rounds(cfg, args.rounds, workers=workers, threads=int(args.client_cpus)))
         sequential.append(plain_rounds(cfg, args.rounds, workers=1, threads=os.cpu_count() or 1))
         torch.set_num_threads(os.cpu_count() or 1)
     bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
-    memory = simulated_memory(
-        args.clients,
-        min(args.rounds, MEMORY_ROUNDS),
-        tmp / "memory-run",
-        str(tmp / "ray-memory"),
-        args.client_cpus,
-        data_source,
-    )
+    memory: dict[str, dict[str, Any]] = {}
+    for transport in args.transport:
+        peak = simulated_memory(
+            args.clients,
+            min(args.rounds, MEMORY_ROUNDS),
+            tmp / f"memory-run-{transport}",
+            str(tmp / f"ray-memory-{transport}"),
+            args.client_cpus,
+            data_source,
+            transport,
+        )
+        memory[transport] = {
+            "peak_rss": peak.peak_rss,
+            "peak_pss": peak.peak_pss,
+            "procs": peak.peak_procs,
+            "roles": dict(peak.peak_roles),
+        }
     return Measurement(
-        data_source,
-        bundle.source,
-        len(bundle.train) // args.clients,
-        sim,
-        plain,
-        sequential,
-        memory.peak_rss,
-        memory.peak_pss,
-        memory.peak_procs,
-        dict(memory.peak_roles),
-    )
+        data_source, bundle.source, len(bundle.train) // args.clients, sim, plain, sequential,
+        memory,
+    )  # fmt: skip
 
 
 def verdict(ok: bool) -> str:
     return "met" if ok else "missed"
 
 
-def steady(m: Measurement, repeat: int) -> tuple[float, float]:
-    """One repeat's medians of its rounds after the first: the simulation, and the faster
-    plain loop.
+def steady(m: Measurement, repeat: int, transport: str) -> tuple[float, float]:
+    """One repeat's medians of its rounds after the first: the simulation on ``transport``,
+    and the faster plain loop.
 
     Medians, because a burst of load from the shared host spoils a round or two, not the
     figure; the faster plain loop, because the overhead is measured against the best plain
@@ -399,36 +423,39 @@ def steady(m: Measurement, repeat: int) -> tuple[float, float]:
         return statistics.median(times[1:])
 
     plain = min(median(m.plain[repeat]), median(m.sequential[repeat]))
-    return median(m.sim[repeat]), plain
+    return median(m.sim[transport][repeat]), plain
 
 
-def typical(m: Measurement) -> int:
-    """The repeat whose overhead ratio is the median of the repeats' (of an even number, the
-    higher of the middle two: the figure errs against the simulation, not for it)."""
-    ratios = [s / p for s, p in (steady(m, i) for i in range(len(m.sim)))]
+def typical(m: Measurement, transport: str) -> int:
+    """The repeat whose overhead ratio on ``transport`` is the median of the repeats' (of an
+    even number, the higher of the middle two: the figure errs against the simulation)."""
+    ratios = [s / p for s, p in (steady(m, i, transport) for i in range(len(m.plain)))]
     return sorted(range(len(ratios)), key=ratios.__getitem__)[len(ratios) // 2]
 
 
-def section(m: Measurement, args: argparse.Namespace, gib: float = 1024**3) -> str:
-    pick = typical(m)
-    sim_steady, plain_steady = steady(m, pick)
+def transport_section(
+    m: Measurement, args: argparse.Namespace, transport: str, gib: float = 1024**3
+) -> str:
+    pick = typical(m, transport)
+    sim_steady, plain_steady = steady(m, pick, transport)
     ratio = sim_steady / plain_steady
+    sim = m.sim[transport]
     rows = "\n".join(
         f"| {r} | {s:.2f} | {p:.2f} | {q:.2f} | {s / min(p, q):.2f} |"
         for r, (s, p, q) in enumerate(
-            zip(m.sim[pick], m.plain[pick], m.sequential[pick], strict=True), start=1
+            zip(sim[pick], m.plain[pick], m.sequential[pick], strict=True), start=1
         )
     )
     repeats = "\n".join(
         f"| {i + 1} | {s:.2f} | {statistics.median(m.plain[i][1:]):.2f} | "
         f"{statistics.median(m.sequential[i][1:]):.2f} | {s / p:.2f} |"
-        for i, (s, p) in enumerate(steady(m, i) for i in range(len(m.sim)))
+        for i, (s, p) in enumerate(steady(m, i, transport) for i in range(len(sim)))
     )
-    breakdown = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(m.roles.items()))
+    mem = m.memory[transport]
+    pss, rss = mem["peak_pss"], mem["peak_rss"]
+    breakdown = ", ".join(f"{k} {v / gib:.2f} GiB" for k, v in sorted(mem["roles"].items()))
     return f"""\
-### `--data-source {m.data_source}`: {m.train_per_client} training examples per client
-
-Data: `{m.source}`.
+#### `--transport {transport}`
 
 Each repeat: medians of rounds 2..{args.rounds} (the first also starts the actors).
 
@@ -442,15 +469,38 @@ Repeat {pick + 1}, round by round:
 |---|---|---|---|---|
 {rows}
 
-- Overhead ratio after the first round (the median of the {len(m.sim)} repeats' ratios,
+- Overhead ratio after the first round (the median of the {len(sim)} repeats' ratios,
   each against the faster plain loop): **{ratio:.2f}** ({sim_steady:.2f} s vs
-  {plain_steady:.2f} s in repeat {pick + 1}); target <= 1.3: {verdict(ratio <= 1.3)}.
-- Peak memory of `simulate.py`'s process tree (up to {m.procs} processes):
-  **{m.peak_pss / gib:.2f} GiB PSS** ({m.peak_pss / 1e9:.2f} GB; {m.peak_rss / gib:.2f} GiB
-  summed RSS); target 3 GiB:
-  {verdict(m.peak_pss <= 3 * gib)}; 3 GB (10^9 bytes): {verdict(m.peak_pss <= 3e9)}.
+  {plain_steady:.2f} s in repeat {pick + 1}).
+- Peak memory of `simulate.py`'s process tree (up to {mem["procs"]} processes):
+  **{pss / gib:.2f} GiB PSS** ({pss / 1e9:.2f} GB; {rss / gib:.2f} GiB summed RSS); target
+  3 GiB: {verdict(pss <= 3 * gib)}; 3 GB (10^9 bytes): {verdict(pss <= 3e9)}.
   At the peak: {breakdown}.
 """
+
+
+def section(m: Measurement, args: argparse.Namespace, gib: float = 1024**3) -> str:
+    lines = []
+    for t in m.sim:
+        sim_steady, plain_steady = steady(m, typical(m, t), t)
+        lines.append(
+            f"| `{t}` | {sim_steady:.2f} | {sim_steady / plain_steady:.2f} | "
+            f"{m.memory[t]['peak_pss'] / gib:.2f} | {m.memory[t]['peak_rss'] / gib:.2f} |"
+        )
+    side = "\n".join(lines)
+    return f"""\
+### `--data-source {m.data_source}`: {m.train_per_client} training examples per client
+
+Data: `{m.source}`.
+
+Side by side (each transport's typical repeat; round time: the median of rounds
+2..{args.rounds}):
+
+| transport | round time (s) | ratio to faster plain | peak PSS (GiB) | peak summed RSS (GiB) |
+|---|---|---|---|---|
+{side}
+
+{chr(10).join(transport_section(m, args, t) for t in m.sim)}"""
 
 
 def main() -> None:
@@ -474,6 +524,12 @@ def main() -> None:
         choices=("embedded", "auto"),
         help="simulate.py's --data-source; repeatable (default: embedded, then auto)",
     )
+    parser.add_argument(
+        "--transport",
+        action="append",
+        choices=("fast", "flower"),
+        help="simulate.py's --transport; repeatable (default: fast, then flower)",
+    )
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--child-json", default=None, help=argparse.SUPPRESS)
@@ -482,6 +538,7 @@ def main() -> None:
         parser.error("--rounds must be >= 2 (the first round is excluded)")
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
+    args.transport = list(dict.fromkeys(args.transport or ["fast", "flower"]))
 
     if args.child_json:  # one configuration, in a fresh process (see below)
         with tempfile.TemporaryDirectory(prefix="ray-") as tmp:
@@ -507,6 +564,7 @@ def main() -> None:
                     "--client-cpus", str(args.client_cpus),
                     "--repeats", str(args.repeats),
                     "--data-source", source,
+                    *(f for t in args.transport for f in ("--transport", t)),
                     "--child-json", str(child),
                 ],
                 check=True,
@@ -514,8 +572,8 @@ def main() -> None:
             results.append(Measurement(**json.loads(child.read_text())))
     load_after = os.getloadavg()
 
-    first = results[0]
-    sim_first, plain_first = steady(first, typical(first))
+    first, transport = results[0], args.transport[0]
+    sim_first, plain_first = steady(first, typical(first, transport), transport)
     per_message = (sim_first - plain_first) / (3 * args.clients)
     body = f"""\
 {header}
@@ -538,7 +596,10 @@ The first simulated round also starts the actors, which import torch and load th
 
 {chr(10).join(section(m, args) for m in results)}
 How to read it: a round sends the 16 MB global model to every client twice (train,
-evaluate) and gets {args.clients} updates back. In the simulation the model is put into Ray's
+evaluate) and gets {args.clients} updates back. `--transport flower` is Flower's simulation
+engine as it is: every message is pickled into Ray's object store and out again, the
+engine polls for messages and replies every 0.1 s, and an actor gets its next client once
+the last reply is back. With `--transport fast` the model is put into Ray's
 object store once per round and the actors read it there in place; each update is copied
 into the store once, straight from the trained weights, and the server checks and
 aggregates it in place, Flower's FedAvg included (`strategies/ray_transport.py`,
@@ -546,8 +607,9 @@ aggregates it in place, Flower's FedAvg included (`strategies/ray_transport.py`,
 the server sleeps until a reply arrives instead of polling, the checkpoint writer runs at
 the lowest CPU priority, and round r's evaluation (clients' and central) runs while round
 r+1's train messages wait behind it.
-What remains, {per_message * 1e3:.0f} ms per model-sized message here ((simulated - faster plain) /
-{3 * args.clients}, first data source), is per-client work that the plain loop does not do:
+What remains, {per_message * 1e3:.0f} ms per model-sized message here ((simulated - faster
+plain) / {3 * args.clients}, first data source, `--transport {transport}`), is per-client
+work that the plain loop does not do:
 Ray task handling and Flower's message handling, copying each update into the store (the
 actor waits on Ray's raylet for it), the reply checks (every value must be finite), the
 checkpoint, and the driver's and Ray's share of the 2 cores while the actors train. It is

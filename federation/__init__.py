@@ -6,7 +6,10 @@
 - :mod:`.run`: :func:`run_federation`, one run on a Grid, with its files and checkpoints.
 - :mod:`.app`: Flower's ServerApp (``precode_flower.federation.app:app``).
 - :mod:`.flags`: the command-line flags shared by ``simulate.py`` and ``server.py``.
-- :mod:`.submit`: submitting the app to a running SuperLink (``server.py``'s CLI).
+- :mod:`.submit`: submitting the app to a running SuperLink (``server.py``, installed as
+  ``precode-flower-server``).
+- :mod:`.simulation`: the whole federation on one machine (``simulate.py``, installed as
+  ``precode-flower-simulate``), with the ``--transport`` switch.
 
 In the repository it lives in ``federation/`` beside the core (see
 :mod:`precode_flower._layout`).

@@ -77,10 +77,6 @@ def run_federation(
     Returns the summary (also written to ``summary.json``).
     """
     out = Path(out_dir)
-    if isinstance(getattr(grid, "pull_interval", None), float):
-        # Flower's in-memory grid (simulation) polls for replies every 0.1 s, a dict lookup;
-        # with client messages of tens of ms that idled the actors ~0.1 s a round.
-        grid.pull_interval = min(grid.pull_interval, 0.005)  # type: ignore[attr-defined]
     bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
     model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=cfg.seed)
     param_keys = [n for n, _ in model.named_parameters()]

@@ -1,4 +1,5 @@
-"""Submitting the app to a running SuperLink: ``python server.py`` (:func:`cli`).
+"""Submitting the app to a running SuperLink: ``python server.py`` (:func:`cli`), installed
+as ``precode-flower-server``.
 
 ``python server.py --superlink HOST:PORT --root-certificates ca.pem [training flags]``
 (or ``--insecure``, with a warning, for plain-text local tests) submits the app to a
@@ -139,9 +140,9 @@ def _run_status(listing: dict[str, Any]) -> str | None:
     return str(runs[0].get("status")) if runs else None
 
 
-def build_parser() -> OneLineParser:
+def build_parser(prog: str = "server.py") -> OneLineParser:
     parser = OneLineParser(
-        prog="server.py",
+        prog=prog,
         description="Submit the PRECODE federation to a running Flower SuperLink.",
     )
     c = parser.add_argument_group("connection")
@@ -174,8 +175,9 @@ INSECURE_WARNING = (
 )
 
 
-def cli(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+def cli(argv: Sequence[str] | None = None, *, prog: str = "server.py") -> int:
+    """``server.py``'s command line; returns the exit status."""
+    parser = build_parser(prog)
     args = parser.parse_args(argv)
     cfg = config_from_args(parser, args)
     if args.insecure and args.root_certificates:
@@ -187,8 +189,6 @@ def cli(argv: Sequence[str] | None = None) -> int:
         )
     if args.root_certificates and not Path(args.root_certificates).is_file():
         parser.error(f"--root-certificates: no such file {args.root_certificates}")
-    if args.insecure:
-        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     app_dir = Path(args.app) if args.app else APP_DIR
     if app_dir is None:
         parser.error(
@@ -197,6 +197,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
         )
     if not (app_dir / "pyproject.toml").is_file():
         parser.error(f"--app: no pyproject.toml in {app_dir}")
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr, flush=True)
     out = out_dir_from_args(parser, args, local=False)
     if args.resume and Path(out).exists():  # the SuperLink may see another filesystem
         check_resumable(parser, cfg, out)
@@ -222,3 +224,8 @@ def cli(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(cli())
+
+
+def script() -> int:
+    """The ``precode-flower-server`` console script."""
+    return cli(prog="precode-flower-server")

@@ -37,7 +37,7 @@ def gaussian_kl_bits(mu: Tensor, std: Tensor) -> Tensor:
 class _Bottleneck(nn.Module):
     """Shared sampling, KL bookkeeping and evaluation behaviour of both bottlenecks."""
 
-    def __init__(self, beta: float, eval_mode: EvalMode, std_shift: float) -> None:
+    def __init__(self, beta: float, eval_mode: EvalMode) -> None:
         super().__init__()
         if beta < 0:
             raise ValueError(f"beta must be >= 0, got {beta}")
@@ -45,18 +45,35 @@ class _Bottleneck(nn.Module):
             raise ValueError(f"eval_mode must be 'sample' or 'mean', got {eval_mode!r}")
         self.beta = float(beta)
         self.eval_mode: EvalMode = eval_mode
-        self.std_shift = float(std_shift)
         #: KL (bits) of the latest forward pass; read by :func:`precode_loss`.
         self.kl: Tensor | None = None
 
-    def _sample(self, mu: Tensor, pre_std: Tensor) -> Tensor:
-        # The shift starts training with a small posterior std, as the reference code does;
-        # softplus keeps the std positive and the KL finite.
-        std = F.softplus(pre_std - self.std_shift)
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def _check(self, x: Tensor) -> Tensor:
+        """The encoder's input for ``x`` (ValueError naming the expected shape if it is wrong)."""
+        raise NotImplementedError
+
+    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, std) of the latent Gaussian for input ``x``.
+
+        The encoder's output is split in two halves along dim 1, ``mu`` and ``s``, and
+        ``std = softplus(s)``: the paper's parameterisation, without an offset. At
+        initialisation ``s`` is near 0, so the std is near ln 2 = 0.69 and the latent is
+        noisy from the first step on; that noise is what defeats gradient inversion.
+        """
+        mu, s = self.encoder(self._check(x)).chunk(2, dim=1)
+        return mu, F.softplus(s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        mu, std = self.posterior(x)
         self.kl = gaussian_kl_bits(mu, std)
         if not self.training and self.eval_mode == "mean":
-            return mu
-        return mu + std * torch.randn_like(std)
+            z = mu
+        else:
+            z = mu + std * torch.randn_like(std)  # the reparameterised sample
+        return self.decoder(z).view_as(x)
 
     def extra_repr(self) -> str:
         return f"beta={self.beta}, eval_mode={self.eval_mode!r}"
@@ -65,7 +82,9 @@ class _Bottleneck(nn.Module):
 class VariationalBottleneck(_Bottleneck):
     """Fully connected variational bottleneck (the paper's PRECODE module).
 
-    The input is flattened from dim 1 on; the output has the input's exact shape.
+    The input is flattened from dim 1 on; the output has the input's exact shape. The
+    encoder's output is split into the latent mean ``mu`` and ``s``; the std is ``softplus(s)``
+    and the sample ``mu + std * eps`` with ``eps ~ N(0, I)``, as in the paper (no offset).
 
     Args:
         in_features: number of input features per example (product of the non-batch dims).
@@ -73,7 +92,6 @@ class VariationalBottleneck(_Bottleneck):
         beta: weight of the KL term in :func:`precode_loss`.
         eval_mode: at evaluation, ``"mean"`` decodes the latent mean (deterministic);
             ``"sample"`` keeps sampling as the paper's code does. Training always samples.
-        std_shift: the std is ``softplus(s - std_shift)``; the shift keeps initial noise small.
     """
 
     def __init__(
@@ -82,9 +100,8 @@ class VariationalBottleneck(_Bottleneck):
         latent_dim: int = 256,
         beta: float = 1e-3,
         eval_mode: EvalMode = "mean",
-        std_shift: float = 5.0,
     ) -> None:
-        super().__init__(beta, eval_mode, std_shift)
+        super().__init__(beta, eval_mode)
         if in_features < 1 or latent_dim < 1:
             raise ValueError(
                 f"in_features and latent_dim must be >= 1, got {in_features}, {latent_dim}"
@@ -94,22 +111,22 @@ class VariationalBottleneck(_Bottleneck):
         self.encoder = nn.Linear(in_features, 2 * latent_dim)
         self.decoder = nn.Linear(latent_dim, in_features)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor) -> Tensor:
         flat = x.flatten(1)
         if flat.shape[1] != self.in_features:
             raise ValueError(
                 f"VariationalBottleneck expects {self.in_features} features per example, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        mu, pre_std = self.encoder(flat).chunk(2, dim=1)
-        return self.decoder(self._sample(mu, pre_std)).view_as(x)
+        return flat
 
 
 class ConvVariationalBottleneck(_Bottleneck):
     """Convolutional variational bottleneck for feature maps (N, C, H, W).
 
     A ``kernel_size`` convolution encodes to ``2 * latent_channels`` maps (mean and
-    pre-softplus std), and another decodes the sample back to C maps of the same H, W.
+    pre-softplus std, as in :class:`VariationalBottleneck`), and another decodes the sample
+    back to C maps of the same H, W.
     """
 
     def __init__(
@@ -119,9 +136,8 @@ class ConvVariationalBottleneck(_Bottleneck):
         beta: float = 1e-3,
         kernel_size: int = 3,
         eval_mode: EvalMode = "mean",
-        std_shift: float = 5.0,
     ) -> None:
-        super().__init__(beta, eval_mode, std_shift)
+        super().__init__(beta, eval_mode)
         latent_channels = latent_channels or in_channels
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd to keep the map size, got {kernel_size}")
@@ -131,14 +147,13 @@ class ConvVariationalBottleneck(_Bottleneck):
         self.encoder = nn.Conv2d(in_channels, 2 * latent_channels, kernel_size, padding=pad)
         self.decoder = nn.Conv2d(latent_channels, in_channels, kernel_size, padding=pad)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _check(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"ConvVariationalBottleneck expects (N, {self.in_channels}, H, W), "
                 f"got {tuple(x.shape)}"
             )
-        mu, pre_std = self.encoder(x).chunk(2, dim=1)
-        return self.decoder(self._sample(mu, pre_std))
+        return x
 
 
 BOTTLENECK_TYPES = (VariationalBottleneck, ConvVariationalBottleneck)

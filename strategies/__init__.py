@@ -1,5 +1,7 @@
 """Server-side Flower glue (``precode_flower.strategies``): FedSGD, Observed, the Auditor."""
 
+from precode_flower.local_training import LocalTraining
+
 from .auditor import Auditor
 from .fedsgd import FedSGD, aggregate_metrics
 from .observed import ClientReply, Observed, Observer, RoundContext, RoundRecord
@@ -9,6 +11,7 @@ __all__ = [
     "Auditor",
     "ClientReply",
     "FedSGD",
+    "LocalTraining",
     "Observed",
     "Observer",
     "ReplyValidator",

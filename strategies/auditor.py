@@ -1,12 +1,13 @@
 """The honest-but-curious server auditor as Flower glue: attach it to any Message-API strategy.
 
     from flwr.serverapp.strategy import FedAvg
-    from precode_flower.strategies.auditor import Auditor
+    from precode_flower.strategies import Auditor, LocalTraining
 
-    strategy = Auditor(FedAvg(), attacks=["analytic", "ig"], clients=2, iterations=2000,
-                       time_limit=120, out_dir="runs/demo")
-    ...                     # strategy.start(...) as usual; then
-    strategy.close()        # waits for pending attacks (with a limit), writes the summary
+    strategy = Auditor(FedAvg(), model=Net, input_shape=(3, 32, 32), mean=(0.5,) * 3,
+                       std=(0.5,) * 3, local=LocalTraining(batch_size=32, epochs=1, lr=0.1,
+                       momentum=0.9), attacks=["labels", "ig", "fedavg"], out_dir="runs/demo")
+    with strategy:          # close() on leaving: waits for pending attacks, writes the summary
+        result = strategy.start(grid=grid, initial_arrays=arrays, num_rounds=3)
 
 :class:`Auditor` is an :class:`~strategies.observed.Observed` strategy with an
 :class:`AuditObserver`: every round it sees each valid reply exactly as the server received
@@ -15,18 +16,22 @@ attacks on them in :class:`precode_flower.audit.LeakageAuditor`'s worker process
 sends anything to clients and never touches the replies that the wrapped strategy
 aggregates, so ``Auditor(FedAvg())`` aggregates exactly like ``FedAvg()``.
 
-What the auditor attacks is what an honest-but-curious server holds: the model rebuilt from
-the round's train config plus the global arrays, and per reply the update: FedSGD gradients
-(named like ``model.named_parameters()``), or for weight replies the difference
-reply - global with the local training config the server sent (batch size, steps, lr).
+What the auditor attacks is what an honest-but-curious server holds: the clients' model
+(``model=``: a class, a zero-argument callable, a template module or ``"pkg.module:Name"``;
+without it the project's own model described by the train config) loaded with the global
+arrays, and per reply the update: FedSGD gradients (named like ``model.named_parameters()``),
+or for weight replies the difference reply - global, with what the server knows of the local
+training (``local=``, a :class:`~precode_flower.local_training.LocalTraining`; values found in
+the round's train config override it). What nobody stated is guessed, warned about once and
+written next to every result and in the verdict ("assumed ...").
 
-Ground truth only through the explicit evaluation channel: when the auditor is created
-with ``ground_truth=True`` and the run's train config has ``audit-ground-truth`` on, clients
-report ``batch-indices`` (train-split indices) in their metrics; the auditor then loads
-those examples itself from the dataset and the client's partition (the clients' own
-partitioning, :func:`precode_flower.task.client_data`) to score the reconstructions. The
-strategy and the attacks never see them. Without it (deployment) nothing is scored and the
-summary says so.
+Ground truth (scores) only through an explicit channel: ``ground_truth=True`` with the run's
+train config ``audit-ground-truth`` on (the project's own clients report ``batch-indices``;
+the auditor loads those examples from the clients' own partitioning), or
+``ground_truth=partition_fn`` with ``partition_fn(partition_id) -> (images, labels)`` for any
+simulated app whose clients report their ``partition-id`` (each reconstruction is scored
+against its best match in the partition). The strategy and the attacks never see them.
+Without it (deployment) nothing is scored and the summary says why.
 
 Entry points: :func:`add_audit_args` and :func:`audit_from_args` give simulate.py and
 server.py their ``--audit*`` flags.
@@ -39,13 +44,18 @@ import functools
 import logging
 import math
 import os
+import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.serverapp.strategy import Strategy
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
 from precode_flower import data as data_mod
@@ -57,6 +67,8 @@ from precode_flower.audit import (
     UpdateKind,
     validate_attacks,
 )
+from precode_flower.local_training import LocalTraining
+from precode_flower.model_source import ModelSource, model_factory
 
 from .observed import ClientReply, Observed, Observer, RoundContext
 
@@ -66,6 +78,8 @@ __all__ = [
     "AuditObserver",
     "Auditor",
     "DataSpec",
+    "LocalTraining",
+    "PartitionFn",
     "add_audit_args",
     "audit_from_args",
     "audit_from_run_config",
@@ -76,6 +90,12 @@ __all__ = [
 #: Train-config key of the explicit evaluation channel (clients report ``batch-indices``).
 GROUND_TRUTH_KEY = "audit-ground-truth"
 INDICES_KEY = "batch-indices"
+#: ``partition_fn(partition_id) -> (images, labels)``: a simulated client's examples.
+PartitionFn = Callable[[int], tuple[Any, Any]]
+#: The project's own clients train with plain local SGD (momentum from the config).
+PROJECT_TRAINING = LocalTraining(optimizer="sgd", weight_decay=0.0)
+#: Partitions kept in memory by a ``ground_truth=partition_fn`` audit.
+PARTITION_CACHE = 4
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,7 @@ class _RoundSpec:
     kind: UpdateKind
     defense: str
     cfg: task.RunConfig | None
+    training: LocalTraining  # what is known of the local training (merged with the config)
 
 
 def _truthy(value: Any) -> bool:
@@ -109,38 +130,67 @@ class AuditObserver(Observer):
 
     Args:
         auditor: the :class:`LeakageAuditor` that runs the attacks.
-        ground_truth: score against the clients' true examples when the run's evaluation
-            channel (train config ``audit-ground-truth``) provides their indices.
-        model_fn: builds the (untrained) model from the round's train config, for models not
-            described by :class:`precode_flower.task.RunConfig`; must be picklable
-            (module-level). Default: :func:`precode_flower.task.build_model`.
-        data_spec: input shape and normalisation when ``model_fn`` is given (else read from
-            the dataset named in the train config).
+        ground_truth: False (deployment: nothing scored); True: score against the clients'
+            true examples when the run's evaluation channel (train config
+            ``audit-ground-truth``) provides their indices (the project's own clients); or
+            ``partition_fn(partition_id) -> (images, labels)`` (images as the model takes
+            them, normalised) for any simulated app whose clients report ``partition-id`` in
+            their metrics: each reconstruction is scored against its best match there.
+        model: the clients' model: a class, a zero-argument callable, a template module or
+            ``"pkg.module:Name"`` (see :func:`precode_flower.model_source.model_factory`);
+            needs ``input_shape`` (and ``mean``/``std``, default 0 and 1 per channel).
+        input_shape, mean, std: (C, H, W) of one example and the input normalisation.
+        local: what the server knows of the clients' local training; values in the round's
+            train config override it. Default: nothing (guessed, and the guess is stated).
+        model_fn, data_spec: the older form of ``model``: ``model_fn(train_config)`` (a
+            module-level function) with a :class:`DataSpec`.
         kind: ``"gradients"`` or ``"weights"``; default from the config's ``mode``
             (``fedsgd`` -> gradients), else weights (Flower's FedAvg, FedProx, ...).
         defense: the defense named in verdicts; default the config's ``defenses``.
         close_timeout: seconds :meth:`close` waits for pending attacks (None: no limit).
+
+    Raises:
+        ValueError, TypeError: a model that cannot be built or sent to the workers, or
+            inconsistent arguments, before anything runs.
     """
 
     def __init__(
         self,
         auditor: LeakageAuditor,
         *,
-        ground_truth: bool = False,
+        ground_truth: bool | PartitionFn = False,
+        model: ModelSource | None = None,
+        input_shape: Sequence[int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        local: LocalTraining | None = None,
         model_fn: Callable[[dict[str, Any]], nn.Module] | None = None,
         data_spec: DataSpec | None = None,
         kind: UpdateKind | None = None,
         defense: str | None = None,
         close_timeout: float | None = 600.0,
     ) -> None:
+        if model is not None and model_fn is not None:
+            raise ValueError("give model= or model_fn=, not both")
         if model_fn is not None and data_spec is None:
             raise ValueError("model_fn needs data_spec (input shape, mean, std)")
+        if model is not None:
+            data_spec = data_spec or _data_spec(input_shape, mean, std)
+        elif input_shape is not None or mean is not None or std is not None:
+            if model_fn is None:
+                raise ValueError("input_shape, mean and std describe model=; pass model= too")
         if kind not in (None, "gradients", "weights"):
             raise ValueError(f"kind must be 'gradients' or 'weights', got {kind!r}")
+        if local is not None and not isinstance(local, LocalTraining):
+            raise TypeError(f"local must be a LocalTraining, got {type(local).__name__}")
+        if not isinstance(ground_truth, bool) and not callable(ground_truth):
+            raise TypeError("ground_truth must be True/False or partition_fn(partition_id)")
         self.auditor = auditor
         self.ground_truth = ground_truth
+        self.model_factory = model_factory(model) if model is not None else None
         self.model_fn = model_fn
         self.data_spec = data_spec
+        self.local = local
         self.kind = kind
         self.defense = defense
         self.close_timeout = close_timeout
@@ -148,6 +198,11 @@ class AuditObserver(Observer):
         self._audited: list[int] = []  # rounds submitted, in order
         self._reported: set[int] = set()
         self._warned_channel = False
+        self._warned_guess = False
+        self._model_error: str | None = None
+        self._model_checked = False
+        self._partitions: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        log.info("audit: outputs in %s", auditor.out_dir.resolve())
 
     # ---- Observer -----------------------------------------------------------------------
 
@@ -160,9 +215,11 @@ class AuditObserver(Observer):
         chosen = self.auditor.sample_clients(server_round, by_client)
         try:
             spec = self._round_spec(context)
+            self._check_once(spec, context.global_arrays, dict(context.train_config))
         except Exception as err:  # e.g. a train config this auditor cannot rebuild a model from
+            why = str(err) if isinstance(err, _ModelError) else f"cannot rebuild the model: {err}"
             for client in chosen:
-                self.auditor.report_error(server_round, client, f"cannot rebuild the model: {err}")
+                self.auditor.report_error(server_round, client, why)
             return
         jobs = []
         for client in chosen:
@@ -176,10 +233,27 @@ class AuditObserver(Observer):
             self.auditor.submit_many(jobs)
             self._audited.append(server_round)
 
+    def check_start(
+        self, initial_arrays: Mapping[str, Any], train_config: Mapping[str, Any]
+    ) -> None:
+        """Before the first round: the model must load ``initial_arrays`` and every attack
+        must apply to it; guesses are warned about.
+
+        Raises ValueError naming the cause (the keys the model does not have, the attack that
+        cannot apply and why).
+        """
+        context = RoundContext(0, dict(initial_arrays), dict(train_config))
+        spec = self._round_spec(context)
+        self._check_once(spec, context.global_arrays, context.train_config, strict=True)
+
     def close(self) -> None:
         """Wait for pending attacks (up to ``close_timeout``), write and print the summary."""
         if self.summary is None:
             self.summary = self.auditor.close(self.close_timeout)
+
+    @property
+    def closed(self) -> bool:
+        return self.summary is not None
 
     # ---- console ------------------------------------------------------------------------
 
@@ -207,10 +281,15 @@ class AuditObserver(Observer):
 
     def _round_spec(self, context: RoundContext) -> _RoundSpec:
         config = dict(context.train_config)
-        if self.model_fn is not None:
+        if self.model_factory is not None:
+            assert self.data_spec is not None
+            model, spec_data, cfg = self.model_factory, self.data_spec, None
+            base = self.local.with_defaults() if self.local else LocalTraining()
+        elif self.model_fn is not None:
             assert self.data_spec is not None
             model = functools.partial(self.model_fn, config)
             spec_data, cfg = self.data_spec, None
+            base = self.local.with_defaults() if self.local else LocalTraining()
         else:
             cfg = task.RunConfig.from_mapping(config)
             bundle = data_mod.load(cfg.dataset, cfg.data_dir or None)
@@ -218,22 +297,73 @@ class AuditObserver(Observer):
                 task.build_model, cfg, bundle.num_classes, tuple(bundle.input_shape)
             )
             spec_data = DataSpec(tuple(bundle.input_shape), bundle.mean, bundle.std)
+            base = self.local.with_defaults() if self.local else PROJECT_TRAINING
         kind: UpdateKind = self.kind or (
             "gradients" if str(config.get("mode", "")).lower() == "fedsgd" else "weights"
         )
         defense = self.defense or str(config.get("defenses") or "none")
-        return _RoundSpec(model, spec_data, kind, defense, cfg)
+        return _RoundSpec(model, spec_data, kind, defense, cfg, base.merged(config))
+
+    def _check_once(
+        self,
+        spec: _RoundSpec,
+        global_arrays: Mapping[str, Any],
+        config: Mapping[str, Any],
+        strict: bool = False,
+    ) -> None:
+        """Fail fast: the model must load the global arrays (else every job fails with the
+        cause); an attack that cannot apply is logged (``strict``: raised); a guessed
+        training is warned about once."""
+        if self._model_error is not None:
+            raise _ModelError(self._model_error)
+        if not self._model_checked and global_arrays:
+            try:
+                model = spec.model()
+                state = {k: torch.as_tensor(np.asarray(v)) for k, v in global_arrays.items()}
+                model.load_state_dict(state, strict=True)
+            except Exception as err:
+                name = getattr(self.model_factory, "name", None) or "the auditor's model"
+                hint = (
+                    "pass model= (the clients' model)"
+                    if self.model_factory is None and self.model_fn is None
+                    else "is it the clients' model?"
+                )
+                self._model_error = (
+                    f"{name} does not load the global arrays: {type(err).__name__}: "
+                    f"{_first_line(err)}; {hint}"
+                )
+                log.error("audit: %s", self._model_error)
+                raise _ModelError(self._model_error) from None
+            self._model_checked = True
+            problems = _inapplicable(model, spec.data.input_shape, self.auditor)
+            if problems:
+                text = "attack(s) cannot apply to this model: " + "; ".join(problems)
+                log.error("audit: %s", text)  # the other attacks still run
+                if strict:
+                    raise ValueError(text)
+        if spec.kind == "weights" and not self._warned_guess:
+            unknown = spec.training.unknown()
+            if unknown:
+                self._warned_guess = True
+                resolved, guessed = spec.training.resolve(1000)
+                text = (
+                    f"audit: the clients' local training is not fully known ({', '.join(unknown)} "
+                    f"unstated: neither local= nor the train config says); the attacks assume "
+                    f"{resolved.describe(None, guessed)}. Pass local=LocalTraining(...) to "
+                    "describe it; every result states what was assumed."
+                )
+                log.warning(text)
+                warnings.warn(text, UserWarning, stacklevel=2)
 
     def _job(
         self, context: RoundContext, reply: ClientReply, client: int, spec: _RoundSpec
     ) -> AuditJob:
-        config = context.train_config
-        batch = int(config.get("batch-size", 0) or 0)
-        lr = config.get("lr")
-        steps = 1
+        training: LocalTraining | None = None
+        assumed: list[str] = []
         if spec.kind == "gradients":
             update = dict(reply.arrays)
-            examples = reply.num_examples or batch or 1
+            examples = reply.num_examples or spec.training.batch_size or 1
+            steps, lr, batch = 1, spec.training.lr, examples
         else:
             # The weight update as the server sees it: reply - the global model it answers.
             glob = context.global_arrays
@@ -243,15 +373,14 @@ class AuditObserver(Observer):
                 if k in glob and np.issubdtype(v.dtype, np.floating)
             }
             update = {k: v.astype(reply.arrays[k].dtype) for k, v in update.items()}
-            n = reply.num_examples or batch or 1
-            batch = batch or n
-            if int(config.get("local-steps", 0) or 0) > 0:
-                steps = int(config["local-steps"])
-            else:
-                epochs = float(config.get("local-epochs", 1.0) or 1.0)
-                steps = max(1, round(epochs * math.ceil(n / batch)))
-            examples = min(n, steps * batch)
-        truth = self._ground_truth(context, reply, spec, examples)
+            n = reply.num_examples or spec.training.batch_size or 1
+            training, assumed = spec.training.resolve(n)
+            steps = training.total_steps(n)
+            examples = training.used_examples(n)
+            lr, batch = training.lr, training.batch_size
+        truth, truth_kind, why = self._ground_truth(context, reply, spec, examples)
+        if truth is not None and truth_kind == "batch":
+            examples = len(truth[1])
         return AuditJob(
             round=context.server_round,
             client=client,
@@ -261,21 +390,27 @@ class AuditObserver(Observer):
             input_shape=spec.data.input_shape,
             mean=spec.data.mean,
             std=spec.data.std,
-            batch_size=len(truth[1]) if truth is not None else examples,
+            batch_size=examples,
             local_steps=steps,
             lr=float(lr) if lr is not None else None,
             local_batch_size=batch or None,
             global_state=context.global_arrays,
             ground_truth=truth,
             defense=spec.defense,
+            training=training,
+            assumed=tuple(assumed),
+            truth_kind=truth_kind,
+            unscored_reason=why,
         )
 
     def _ground_truth(
         self, context: RoundContext, reply: ClientReply, spec: _RoundSpec, examples: int
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The client's examples behind the update, from the evaluation channel only."""
-        if not self.ground_truth:
-            return None
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str, str | None]:
+        """(the client's examples or None, "batch" or "partition", why there are none)."""
+        if self.ground_truth is False:
+            return None, "batch", "no ground truth given to the auditor (as in deployment)"
+        if callable(self.ground_truth) and not isinstance(self.ground_truth, bool):
+            return self._partition_truth(reply)
         if not _truthy(context.train_config.get(GROUND_TRUTH_KEY)):
             if not self._warned_channel:
                 log.warning(
@@ -284,10 +419,21 @@ class AuditObserver(Observer):
                     GROUND_TRUTH_KEY,
                 )
                 self._warned_channel = True
-            return None
+            return None, "batch", f"the evaluation channel (train config {GROUND_TRUTH_KEY}) is off"
         indices = reply.metrics.get(INDICES_KEY)
-        if indices is None or spec.cfg is None or reply.partition_id is None:
-            return None
+        if spec.cfg is None:
+            return (
+                None,
+                "batch",
+                (
+                    "ground_truth=True needs the project's own partitioning; for another app "
+                    "pass ground_truth=partition_fn"
+                ),
+            )
+        if indices is None:
+            return None, "batch", f"the client reported no {INDICES_KEY}"
+        if reply.partition_id is None:
+            return None, "batch", "the client reported no partition-id"
         idx = np.asarray(list(indices), dtype=np.int64)
         if spec.kind == "weights":  # every local step's batch: each example once
             _, first = np.unique(idx, return_index=True)
@@ -310,7 +456,95 @@ class AuditObserver(Observer):
                 examples,
             )
         where = torch.from_numpy(pos)
-        return part.x_train[where], part.y_train[where]
+        return (part.x_train[where], part.y_train[where]), "batch", None
+
+    def _partition_truth(
+        self, reply: ClientReply
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, str, str | None]:
+        """The reporting client's whole partition, from the user's ``partition_fn``."""
+        pid = reply.partition_id
+        if pid is None:
+            return None, "partition", "the client reported no partition-id in its metrics"
+        if pid not in self._partitions:
+            fn = self.ground_truth
+            assert callable(fn)
+            try:
+                images, labels = fn(pid)
+                x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor)
+                                    else images).float()  # fmt: skip
+                y = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor)
+                                    else labels).long().flatten()  # fmt: skip
+            except Exception as err:  # the user's hook: its failure is a reason, not a crash
+                return None, "partition", f"partition_fn({pid}) failed: {type(err).__name__}: {err}"
+            if x.dim() != 4 or len(x) != len(y) or len(x) == 0:
+                return (
+                    None,
+                    "partition",
+                    (
+                        f"partition_fn({pid}) returned images {tuple(x.shape)} and labels "
+                        f"{tuple(y.shape)}; expected (N, C, H, W) and (N,)"
+                    ),
+                )
+            self._partitions[pid] = (x, y)
+            while len(self._partitions) > PARTITION_CACHE:
+                self._partitions.popitem(last=False)
+        self._partitions.move_to_end(pid)
+        return self._partitions[pid], "partition", None
+
+
+def _inapplicable(model: nn.Module, input_shape: Sequence[int], auditor: LeakageAuditor) -> list:
+    """Why configured attacks cannot apply to ``model`` at all (structure, not data).
+
+    Checked once at start so that a run does not find out from every job's error row. Only
+    the attacks whose requirements are structural are checked here.
+    """
+    from precode_flower.attacks.analytic import choose_layer
+    from precode_flower.attacks.ignore_bottleneck import matched_parameters
+    from precode_flower.precode import find_classifier
+
+    options = getattr(auditor, "_options", {})
+    checks: dict[str, Callable[[], object]] = {
+        "analytic": lambda: choose_layer(
+            model, input_shape, options.get("analytic", {}).get("layer")
+        ),
+        "ignore-bottleneck": lambda: matched_parameters(model, input_shape),
+        "labels": lambda: find_classifier(model, input_shape),
+    }
+    problems = []
+    for attack in auditor.attacks:
+        check = checks.get(attack)
+        if check is None:
+            continue
+        try:
+            check()
+        except ValueError as err:
+            problems.append(f"{attack}: {err}")
+    return problems
+
+
+class _ModelError(ValueError):
+    """The auditor's model cannot attack this run (it does not load the global arrays)."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return " ".join(line.strip() for line in text[:3])[:400]
+
+
+def _data_spec(
+    input_shape: Sequence[int] | None, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> DataSpec:
+    if input_shape is None or len(tuple(input_shape)) != 3:
+        raise ValueError(f"model= needs input_shape=(C, H, W), got {input_shape!r}")
+    shape = tuple(int(d) for d in input_shape)
+    channels = shape[0]
+    mean = tuple(float(v) for v in (mean if mean is not None else (0.0,) * channels))
+    std = tuple(float(v) for v in (std if std is not None else (1.0,) * channels))
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"mean and std need {channels} values (one per channel)")
+    if not all(v > 0 for v in std):
+        raise ValueError(f"std must be positive, got {std}")
+    return DataSpec(shape, mean, std)  # type: ignore[arg-type]
 
 
 def _client_id(reply: ClientReply) -> int:
@@ -324,17 +558,26 @@ class Auditor(Observed):
     Args:
         strategy: the strategy to wrap (ours, or Flower's FedAvg, FedProx, ...).
         attacks: attack names (see :data:`precode_flower.attacks.ATTACKS`).
+        model, input_shape, mean, std, local, ground_truth: the clients' model, its input,
+            what is known of their local training and where ground truth comes from; see
+            :class:`AuditObserver`.
         every, clients, iterations, time_limit, device, seed, success_ssim, max_pending,
             workers: the audit budget; see :class:`precode_flower.audit.LeakageAuditor`
             (``clients`` is its ``clients_per_round``; None audits every client).
-        out_dir: where the audit's outputs go.
-        ground_truth, model_fn, data_spec, kind, defense, close_timeout: see
-            :class:`AuditObserver`.
+        out_dir: where the audit's outputs go (logged as an absolute path).
+        model_fn, data_spec, kind, defense, close_timeout: see :class:`AuditObserver`.
         observers, validator, sort_replies: passed to :class:`Observed`.
         attack_options: per-attack options, e.g. ``{"ig": {"tv": 1e-4}}``.
 
+    Use it as a context manager (``with strategy: strategy.start(...)``) or call
+    :meth:`close` at the end: that waits for the pending attacks and writes the summary. An
+    auditor that is never closed warns and is closed when it is garbage-collected or at
+    interpreter exit, whichever comes first.
+
     Raises:
-        ValueError: an unknown attack or a senseless budget, before the run starts.
+        ValueError, TypeError: an unknown attack, a senseless budget, or a model that cannot
+            be built or sent to the workers, before the run starts; :meth:`start` also
+            raises when the model does not load the initial arrays.
     """
 
     def __init__(
@@ -342,13 +585,18 @@ class Auditor(Observed):
         strategy: Strategy,
         attacks: Sequence[str] | str = ("analytic",),
         *,
+        model: ModelSource | None = None,
+        input_shape: Sequence[int] | None = None,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        local: LocalTraining | None = None,
+        ground_truth: bool | PartitionFn = False,
         every: int = 1,
         clients: int | None = 2,
         iterations: int | None = None,
         time_limit: float | None = None,
         device: str = "cpu",
         out_dir: str | os.PathLike[str] = "audit",
-        ground_truth: bool = False,
         seed: int = 0,
         success_ssim: float = DEFAULT_SUCCESS_SSIM,
         max_pending: int = 16,
@@ -364,6 +612,8 @@ class Auditor(Observed):
         sort_replies: bool = False,
         progress: bool = True,
     ) -> None:
+        # The model first: a model that cannot be built fails before any process starts.
+        factory = model_factory(model) if model is not None else None
         leakage = LeakageAuditor(
             out_dir,
             attacks,
@@ -379,16 +629,77 @@ class Auditor(Observed):
             attack_options=attack_options,
             progress=progress,
         )
-        self.audit = AuditObserver(
-            leakage,
-            ground_truth=ground_truth,
-            model_fn=model_fn,
-            data_spec=data_spec,
-            kind=kind,
-            defense=defense,
-            close_timeout=close_timeout,
-        )
+        try:
+            self.audit = AuditObserver(
+                leakage,
+                ground_truth=ground_truth,
+                model=factory,
+                input_shape=input_shape,
+                mean=mean,
+                std=std,
+                local=local,
+                model_fn=model_fn,
+                data_spec=data_spec,
+                kind=kind,
+                defense=defense,
+                close_timeout=close_timeout,
+            )
+        except BaseException:
+            leakage.close(0)
+            raise
         super().__init__(strategy, [*observers, self.audit], validator, sort_replies=sort_replies)
+        # Not self: the finaliser must not keep the auditor alive.
+        self._finalizer = weakref.finalize(self, _finalise_unclosed, self.audit)
+
+    def __enter__(self) -> Auditor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], Any] | None = None,
+    ) -> Result:
+        """Flower's :meth:`Strategy.start`, after checking that the model loads
+        ``initial_arrays`` (ValueError naming the cause) and warning about guessed training."""
+        arrays = {k: v.numpy() for k, v in initial_arrays.items()}
+        self.audit.check_start(arrays, dict(train_config or {}))
+        return super().start(
+            grid,
+            initial_arrays,
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=train_config,
+            evaluate_config=evaluate_config,
+            evaluate_fn=evaluate_fn,
+        )
+
+    def close(self) -> None:
+        """Close every observer, the audit included: waits for pending attacks (with its
+        limit) and writes the summary. Idempotent."""
+        self._finalizer.detach()
+        super().close()
+
+
+def _finalise_unclosed(observer: AuditObserver) -> None:
+    """Close an auditor nobody closed (garbage collection or interpreter exit), loudly."""
+    if observer.closed:
+        return
+    text = (
+        "audit: Auditor was never closed; closing it now so that the audit is not lost "
+        f"(outputs in {observer.auditor.out_dir.resolve()}). Use `with strategy:` or call "
+        "strategy.close() after strategy.start()."
+    )
+    log.warning(text)
+    warnings.warn(text, RuntimeWarning, stacklevel=1)
+    observer.close()
 
 
 # --------------------------------------------------------------------------------------------

@@ -118,12 +118,11 @@ def _partition_of(msg: Message, key: str) -> int | None:
     return int(pid) if isinstance(pid, int | float) and not isinstance(pid, bool) else None
 
 
-def _from_node(msg: Message, origin: dict[str, int]) -> Message:
-    """``msg`` with the node it answers for as its source (see ``Observed._requests``)."""
-    node = origin.get(msg.metadata.reply_to_message_id)
-    if node is not None and node != msg.metadata.src_node_id:
-        msg.metadata.__dict__["_src_node_id"] = node
-    return msg
+def _node_of(msg: Message, origin: dict[str, int]) -> int:
+    """The node ``msg`` answers for: the destination of the message it replies to (see
+    ``Observed._requests``), else its source. Read, never written into the message:
+    Flower's metadata has no public setter for it."""
+    return origin.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
 
 
 def _inexact(a: Any) -> bool:
@@ -232,9 +231,8 @@ class Observed(Strategy):
         origin = self._origins("train", server_round)
         sent = set(origin.values())
         akey, mkey = self.validator.array_record_key, self.validator.metric_record_key
-        replies = [_from_node(m, origin) for m in replies]
         self._learn_partitions(replies, mkey)
-        missing = sorted(sent - {m.metadata.src_node_id for m in replies})
+        missing = sorted(sent - {_node_of(m, origin) for m in replies})
         rec.dropped = len(missing)
         for node in missing:
             rec.dropped_nodes.append(self._who(node))
@@ -247,7 +245,7 @@ class Observed(Strategy):
 
         candidates: list[tuple[Message, ClientReply]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = _node_of(msg, origin)
             if msg.has_error():
                 reason = msg.error.reason
                 rec.failures.append({**self._who(node), "reason": reason})
@@ -328,11 +326,9 @@ class Observed(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         origin = self._origins("evaluate", server_round)
-        replies = [_from_node(m, origin) for m in replies]
+        replies = list(replies)
         if self.sort_replies:
-            replies.sort(
-                key=lambda m: _sort_key(_partition_of(m, "metrics"), m.metadata.src_node_id)
-            )
+            replies.sort(key=lambda m: _sort_key(_partition_of(m, "metrics"), _node_of(m, origin)))
         rec = self.record(server_round)
         validator = self.evaluate_validator
         mkey = validator.metric_record_key
@@ -341,7 +337,7 @@ class Observed(Strategy):
         rec.evaluate_failures, rec.evaluate_rejections = [], []
         candidates: list[tuple[Message, ClientReply]] = []
         for msg in replies:
-            node = msg.metadata.src_node_id
+            node = _node_of(msg, origin)
             if msg.has_error():
                 rec.evaluate_failures.append({**self._who(node), "reason": msg.error.reason})
                 continue

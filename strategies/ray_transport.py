@@ -29,14 +29,27 @@ What a ClientApp or a strategy sees is unchanged: the same names, dtypes, shapes
 bytes. Outside a process connected to Ray (a SuperNode's ClientApp, a deployed ServerApp)
 :func:`share` returns the record as it is; there Flower serialises messages to protobuf
 and never pickles them.
+
+All of this is ``simulate.py --transport fast``, the one switch for what touches Flower's
+or Ray's internals: three of Flower's simulation-engine functions or classes replaced, the
+private attributes of its actor pool, ``Array``'s fields set directly
+(:class:`~precode_flower.strategies.arrays.StoredArray`). :func:`fast_transport_problem`
+checks them against the installed Flower (the version and every replaced signature it
+was verified with) before anything is installed. With ``--transport flower`` nothing here
+runs: no grid wrapper, no replacement, and a client actor replies with plain ``.npy``
+records (:func:`share_arrays` shares only in a process that has received a shared record,
+i.e. one whose server is on the fast transport).
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
+from importlib import metadata
 from queue import Empty
 from typing import Any
 
@@ -49,7 +62,10 @@ from .replies import poll_replies
 __all__ = [
     "SharedArrayRecord",
     "ACTOR_QUEUE_DEPTH",
+    "TRANSPORTS",
     "SharedModelGrid",
+    "fast_transport_problem",
+    "restore_flower",
     "install_pipelined_actor_pool",
     "install_prompt_feeder",
     "install_reply_wakeup",
@@ -64,6 +80,80 @@ __all__ = [
 _READ_CACHE: OrderedDict[bytes, list[np.ndarray]] = OrderedDict()
 _READ_CACHE_SIZE = 1
 _READ_LOCK = threading.Lock()
+# Whether this process has read a shared record: its server is on the fast transport, so
+# its replies may be shared too (see share_arrays).
+_SHARED_SEEN = False
+
+#: simulate.py's --transport choices.
+TRANSPORTS = ("fast", "flower")
+
+# What the fast transport replaces or relies on, as verified with Flower 1.42.0. Checked by
+# fast_transport_problem() before anything is installed.
+VERIFIED_FLOWER = "1.42."  # version prefix
+_VCE_API = "flwr.server.superlink.fleet.vce.vce_api"
+_RAY_BACKEND = "flwr.server.superlink.fleet.vce.backend.raybackend"
+_VERIFIED_SIGNATURES: dict[tuple[str, str], tuple[str, ...]] = {
+    (_VCE_API, "add_messages_to_queue"): ("state", "queue", "nodes_mapping", "f_stop"),
+    (_VCE_API, "put_message_into_state"): ("state", "queue", "f_stop"),
+    (_RAY_BACKEND, "BasicActorPool.__init__"): (
+        "self",
+        "actor_type",
+        "client_resources",
+        "actor_kwargs",
+    ),
+    (_RAY_BACKEND, "BasicActorPool.add_actors_to_pool"): ("self", "num_actors"),
+    (_RAY_BACKEND, "BasicActorPool.submit"): ("self", "actor_fn", "job"),
+    (_RAY_BACKEND, "BasicActorPool.add_actor_back_to_pool"): ("self", "future"),
+    (_RAY_BACKEND, "BasicActorPool.terminate_all_actors"): ("self",),
+}
+# The pool's attributes the pipelined pool reads and writes (set in its __init__).
+_POOL_ATTRIBUTES = ("pool", "num_actors", "create_actor_fn", "_future_to_actor")
+# StoredArray sets these fields of Flower's Array (a dataclass) directly.
+_ARRAY_FIELDS = ("dtype", "shape", "stype", "data")
+# Flower's own functions and pool class, once replaced here.
+_FLOWER_ORIGINALS: dict[str, Any] = {}
+
+
+def _flower_object(module: str, qualname: str) -> Any:
+    obj: Any = importlib.import_module(module)
+    for i, part in enumerate(qualname.split(".")):
+        if i == 0:  # a module attribute that this module may have replaced
+            obj = _FLOWER_ORIGINALS.get(part, getattr(obj, part))
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+def fast_transport_problem() -> str | None:
+    """Why the fast transport must not run on the installed Flower, or None where it may:
+    the Flower version, and every function, class and field it replaces or relies on, as
+    verified (:data:`VERIFIED_FLOWER`). Imports Flower's simulation engine (and Ray)."""
+    try:
+        version = metadata.version("flwr")
+    except metadata.PackageNotFoundError:
+        return "Flower (flwr) is not installed"
+    if not version.startswith(VERIFIED_FLOWER):
+        return f"the fast transport is verified for Flower {VERIFIED_FLOWER}x, not {version}"
+    try:
+        for (module, name), params in _VERIFIED_SIGNATURES.items():
+            found = tuple(inspect.signature(_flower_object(module, name)).parameters)
+            if found != params:
+                return f"Flower {version}: {name}{found} differs from the verified {params}"
+        pool = _flower_object(_RAY_BACKEND, "BasicActorPool")
+        init = inspect.getsource(pool.__init__)
+        missing = [a for a in _POOL_ATTRIBUTES if f"self.{a}" not in init]
+        if missing:
+            return f"Flower {version}: BasicActorPool no longer sets {', '.join(missing)}"
+        import dataclasses
+
+        from flwr.app import Array
+
+        fields = tuple(f.name for f in dataclasses.fields(Array))
+        if fields != _ARRAY_FIELDS:
+            return f"Flower {version}: Array's fields {fields} differ from {_ARRAY_FIELDS}"
+    except (ImportError, AttributeError, OSError, TypeError, ValueError) as err:
+        return f"Flower {version}: cannot check the fast transport's hooks ({err})"
+    return None
 
 
 def _ray() -> Any:
@@ -90,6 +180,9 @@ def _rebuild(ref: Any, names: tuple[str, ...], many_readers: bool = False) -> Ar
     """Unpickling a :class:`SharedArrayRecord`: an ordinary ``ArrayRecord`` whose arrays
     are read-only views of the values in the object store (no copy)."""
     import ray
+
+    global _SHARED_SEEN
+    _SHARED_SEEN = True
 
     key = ref.binary()
     values = None
@@ -164,9 +257,10 @@ def share(record: ArrayRecord, *, many_readers: bool = False) -> ArrayRecord:
 
 def share_arrays(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     """An ``ArrayRecord`` of ``arrays`` (a client's update), copied once: into Ray's object
-    store where this process is connected to Ray (a simulation actor), else into ``.npy``
-    bytes (:func:`~strategies.arrays.to_array_record`)."""
-    ray = _ray()
+    store where this process is connected to Ray (a simulation actor) and has received a
+    shared record (its server is on the fast transport), else into ``.npy`` bytes
+    (:func:`~strategies.arrays.to_array_record`)."""
+    ray = _ray() if _SHARED_SEEN else None
     values = [np.asarray(v) for v in arrays.values()]
     if ray is None or not values or any(v.dtype.hasobject for v in values):
         return to_array_record(arrays)
@@ -239,6 +333,7 @@ def _replace_in_vce_api(name: str, replacement: Any) -> bool:
         return False
     if not callable(getattr(vce_api, name, None)):
         return False
+    _FLOWER_ORIGINALS.setdefault(name, getattr(vce_api, name))
     setattr(vce_api, name, replacement)
     return True
 
@@ -287,6 +382,11 @@ class SharedModelGrid:
 
     def __init__(self, grid: Any) -> None:
         self.__dict__["grid"] = grid
+        if isinstance(getattr(grid, "pull_interval", None), float):
+            # Flower's in-memory grid polls for replies every 0.1 s, a dict lookup; with
+            # client messages of tens of ms that idled the actors ~0.1 s a round (without
+            # install_reply_wakeup, which makes the polling moot).
+            grid.pull_interval = min(grid.pull_interval, 0.005)
         # The latest record shared: a round's evaluate phase and the next round's train
         # phase send the same global model.
         self.__dict__["_shared"] = OrderedDict()
@@ -368,6 +468,23 @@ def _pipelined_pool_class(base: type, depth: int) -> type:
     return PipelinedActorPool
 
 
+def restore_flower() -> None:
+    """Undo every replacement made in this process: Flower's simulation engine as it is
+    (``--transport flower`` after a ``fast`` run in the same process, e.g. a benchmark)."""
+    global _REPLY_WAKEUP
+    if not _FLOWER_ORIGINALS:
+        return  # nothing was replaced (never imports Flower's engine)
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    for name in ("add_messages_to_queue", "put_message_into_state"):
+        if name in _FLOWER_ORIGINALS:
+            setattr(vce_api, name, _FLOWER_ORIGINALS[name])
+    if "BasicActorPool" in _FLOWER_ORIGINALS:
+        raybackend.BasicActorPool = _FLOWER_ORIGINALS["BasicActorPool"]  # type: ignore[attr-defined]
+    _REPLY_WAKEUP = False
+
+
 def install_pipelined_actor_pool(depth: int = ACTOR_QUEUE_DEPTH) -> bool:
     """Give every simulation actor ``depth`` client tasks at a time (1: Flower's own pool);
     True if that is in place.
@@ -393,7 +510,7 @@ def install_pipelined_actor_pool(depth: int = ACTOR_QUEUE_DEPTH) -> bool:
         base = getattr(raybackend, "BasicActorPool", None)
         if not isinstance(base, type):
             return False
-        _FLOWER_POOL = base
+        _FLOWER_POOL = _FLOWER_ORIGINALS["BasicActorPool"] = base
     pool = _FLOWER_POOL if depth == 1 else _pipelined_pool_class(_FLOWER_POOL, depth)
     raybackend.BasicActorPool = pool  # type: ignore[attr-defined]
     return True

@@ -14,6 +14,7 @@ from precode_flower.attacks import reconstruct
 from precode_flower.attacks.base import parameters_before_bottleneck, select_parameters
 from precode_flower.attacks.fedavg import UpdateMatcher
 from precode_flower.attacks.gradient_matching import GradientMatcher
+from precode_flower.local_training import LocalTraining
 from precode_flower.models import build
 from precode_flower.precode import bottlenecks, extend
 from precode_flower.training import compute_gradients
@@ -369,10 +370,10 @@ def test_fedavg_unrolls_local_sgd_and_reduces_its_objective() -> None:
     model = tiny_mlp()
     x, y = image(4), torch.tensor([1, 3, 5, 7])
     update = client_update(model, x, y, steps=2, lr=0.1)
+    training = LocalTraining(batch_size=2, steps=2, lr=0.1).resolve(4)[0]
     matcher = UpdateMatcher(
-        model, update, [True] * 6, cost="cosine", local_steps=2, local_lr=0.1,
-        local_batch_size=2, noise_seed=0,
-    )  # fmt: skip
+        model, update, [True] * 6, cost="cosine", training=training, noise_seed=0
+    )
     with matcher:
         simulated = matcher.simulated_update(x, y, create_graph=False)
     for ours, theirs in zip(simulated, update, strict=True):
@@ -391,8 +392,11 @@ def test_fedavg_with_precode_and_batch_one() -> None:
     torch.manual_seed(5)
     grads, _ = compute_gradients(model, x, y)
     update = [-0.05 * g for g in grads]  # one local step of lr 0.05 = FedSGD
-    start = run_fedavg(model, update, y, iterations=1, local_steps=1, local_lr=0.05)
-    result = run_fedavg(model, update, y, iterations=100, local_steps=1, local_lr=0.05)
+    # The unrolling on a bottleneck, given the client's noise draw (seed 5): with PRECODE's
+    # noise unknown to the server, its objective barely falls (1.05 to 0.91 measured).
+    opts = {"local_steps": 1, "local_lr": 0.05, "noise_seed": 5}
+    start = run_fedavg(model, update, y, iterations=1, **opts)
+    result = run_fedavg(model, update, y, iterations=100, **opts)
     assert result.loss < 0.5 * start.loss
     assert all(m.kl is not None for _, m in bottlenecks(model))
 
@@ -401,10 +405,8 @@ def test_fedavg_rejects_inconsistent_options() -> None:
     model = tiny_mlp()
     update = [torch.zeros_like(p) for p in model.parameters()]
     labels = torch.tensor([1, 2, 3])
-    with pytest.raises(ValueError, match="cannot be split into local_steps=2"):
-        run_fedavg(model, update, labels)
-    with pytest.raises(ValueError, match="must number local_steps"):
-        run_fedavg(model, update, labels, local_batch_size=2)
+    with pytest.raises(ValueError, match="visit 2 of batch_size=3 examples"):
+        run_fedavg(model, update, labels, local_steps=1, local_batch_size=2)
     with pytest.raises(ValueError, match="unknown option"):
         run_fedavg(model, update, labels[:2], fast=False)
     with pytest.raises(ValueError, match="local_lr must be"):

@@ -25,11 +25,16 @@ def test_precode_early_sits_after_the_first_convolution_of_the_convnet(shape) ->
     assert bottleneck.in_channels == 32
     assert bottleneck.latent_channels == d.EARLY_LATENT_CHANNELS
     assert bottleneck.beta == d.EARLY_BETA
-    assert bottleneck.std_shift == d.EARLY_STD_SHIFT
     # Only the first convolution's gradient precedes the bottleneck.
     assert parameters_before_bottleneck(model, shape) == ["features.0.weight", "features.0.bias"]
-    logits = model(torch.randn(2, *shape))
+    x = torch.randn(2, *shape)
+    logits = model(x)
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    # The documented initial std: PRECODE's softplus(s) of a near-zero s, about 0.69.
+    with torch.no_grad():
+        _, std = bottleneck.posterior(model.features[:2](x))
+    assert 0.6 <= float(std.mean()) <= 0.8
+    assert "initial std 0.69" in d.DEFENSES["precode-early"].description
 
 
 def test_precode_early_sits_after_the_resnet_stem() -> None:

@@ -325,3 +325,97 @@ def test_pipelined_pool_keeps_its_slots_under_concurrent_workers(monkeypatch) ->
     assert not errors and not pool._future_to_actor
     assert sorted(Counter(map(id, pool.pool)).values()) == [2, 2]  # every slot is back
     assert sum(len(x.tasks) for x in {id(x): x for x in pool.pool}.values()) == 4 * 500
+
+
+# --- the --transport switch: the fast transport only on the Flower it was verified with ---
+
+
+def test_fast_transport_is_allowed_exactly_on_the_verified_flower() -> None:
+    from importlib import metadata
+
+    version = metadata.version("flwr")
+    problem = ray_transport.fast_transport_problem()
+    if version.startswith(ray_transport.VERIFIED_FLOWER):
+        assert problem is None
+    else:  # CI on a newer Flower (the range allows it): refused, naming the version
+        assert problem is not None and version in problem
+
+
+def test_fast_transport_is_refused_where_flower_changed(monkeypatch) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    monkeypatch.setattr(ray_transport.metadata, "version", lambda name: "1.42.0")
+    monkeypatch.setattr(ray_transport, "_FLOWER_ORIGINALS", {})
+    assert ray_transport.fast_transport_problem() is None
+
+    with monkeypatch.context() as m:
+        m.setattr(ray_transport.metadata, "version", lambda name: "1.43.0")
+        assert "not 1.43.0" in ray_transport.fast_transport_problem()
+
+    def feeder(state, queue, nodes_mapping, f_stop, batch):  # a new parameter
+        pass
+
+    with monkeypatch.context() as m:
+        m.setattr(vce_api, "add_messages_to_queue", feeder)
+        problem = ray_transport.fast_transport_problem()
+        assert "add_messages_to_queue" in problem and "batch" in problem
+
+    class Pool:  # the same methods, but no longer the attributes the pipelined pool uses
+        def __init__(self, actor_type, client_resources, actor_kwargs):
+            self.pool = []
+
+        def add_actors_to_pool(self, num_actors): ...
+        def submit(self, actor_fn, job): ...
+        def add_actor_back_to_pool(self, future): ...
+        def terminate_all_actors(self): ...
+
+    with monkeypatch.context() as m:
+        m.setattr(raybackend, "BasicActorPool", Pool)
+        problem = ray_transport.fast_transport_problem()
+        assert "_future_to_actor" in problem and "create_actor_fn" in problem
+
+
+def test_fast_transport_checks_flowers_own_functions_once_replaced(monkeypatch) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    monkeypatch.setattr(ray_transport.metadata, "version", lambda name: "1.42.0")
+    monkeypatch.setattr(ray_transport, "_FLOWER_ORIGINALS", {})
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
+    assert ray_transport.install_prompt_feeder()
+    assert vce_api.add_messages_to_queue is ray_transport._prompt_feeder
+    assert ray_transport.fast_transport_problem() is None  # Flower's, not ours, is checked
+    assert ray_transport._FLOWER_ORIGINALS["add_messages_to_queue"] is not (
+        ray_transport._prompt_feeder
+    )
+
+
+def test_a_process_without_shared_records_replies_plain(monkeypatch) -> None:
+    """The flower transport: a client actor (connected to Ray) never shares its update
+    unless its server sent it a shared record."""
+    monkeypatch.setattr(ray_transport, "_ray", lambda: pytest.fail("must not touch Ray"))
+    monkeypatch.setattr(ray_transport, "_SHARED_SEEN", False)
+    arrays = {"w": np.ones((2, 2), np.float32)}
+    record = ray_transport.share_arrays(arrays)
+    assert type(record) is ArrayRecord and record == to_array_record(arrays)
+
+
+def test_restore_flower_undoes_every_replacement(monkeypatch) -> None:
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    feeder, injector = vce_api.add_messages_to_queue, vce_api.put_message_into_state
+    pool = raybackend.BasicActorPool
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", feeder)
+    monkeypatch.setattr(vce_api, "put_message_into_state", injector)
+    monkeypatch.setattr(raybackend, "BasicActorPool", pool)
+    monkeypatch.setattr(ray_transport, "_REPLY_WAKEUP", False)
+    assert ray_transport.install_prompt_feeder() and ray_transport.install_reply_wakeup()
+    assert ray_transport.install_pipelined_actor_pool()
+    assert raybackend.BasicActorPool is not pool and ray_transport._REPLY_WAKEUP
+    ray_transport.restore_flower()
+    assert vce_api.add_messages_to_queue is feeder
+    assert vce_api.put_message_into_state is injector
+    assert raybackend.BasicActorPool is pool
+    assert not ray_transport._REPLY_WAKEUP

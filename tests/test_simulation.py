@@ -19,6 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 import simulate
 from precode_flower import data, task
 from precode_flower.clients.client_app import app as client_app
+from precode_flower.federation import simulation
 from precode_flower.processes import session_pids, stop_sessions
 from precode_flower.strategies import Observed
 from precode_flower.training import evaluate
@@ -86,9 +87,9 @@ def test_default_data_is_the_embedded_cifar10_linked_into_the_run(tmp_path, caps
         (["--dataset", "mnist"], "auto"),
         (["--data-source", "auto"], "auto"),
     ]:
-        assert simulate._data_source(parser, parser.parse_args(argv)) == source
+        assert simulation._data_source(parser, parser.parse_args(argv)) == source
     with pytest.raises(SystemExit) as exc:
-        simulate._data_source(
+        simulation._data_source(
             parser, parser.parse_args(["--data-source", "embedded", "--dataset", "mnist"])
         )
     assert exc.value.code == 2 and "only cifar10" in capsys.readouterr().err
@@ -130,6 +131,62 @@ def test_same_seed_same_numbers_and_faults_are_absorbed(mode, tmp_path, inproces
     model = torch.load(tmp_path / "run0" / "model.pt", weights_only=True)
     assert all(torch.isfinite(t.float()).all() for t in model.values())
     assert json.loads((tmp_path / "run0" / "config.json").read_text())["mode"] == mode
+
+
+def _from_superlink(reply):
+    """The error reply a SuperLink sends for a node that went offline: its source is the
+    SuperLink (node 0), not the node."""
+    from flwr.app import Error, Message, Metadata
+
+    metadata = Metadata(
+        run_id=7,
+        message_id="",
+        src_node_id=0,
+        dst_node_id=reply.metadata.dst_node_id,
+        reply_to_message_id=reply.metadata.reply_to_message_id,
+        group_id=reply.metadata.group_id,
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=reply.metadata.message_type,
+    )
+    return Message(metadata=metadata, error=Error(code=1, reason="node unavailable"))
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_superlink_error_replies_count_for_their_node(inprocess_grid) -> None:
+    cfg = task.RunConfig(clients=2, rounds=1, local_steps=1, batch_size=8)
+    errors = []
+    grid = inprocess_grid(
+        client_app,
+        2,
+        faulty={102: lambda reply: errors.append(_from_superlink(reply)) or errors[-1]},
+    )
+    bundle = data.load(cfg.dataset, cfg.data_dir or None)
+    model = task.build_model(cfg, bundle.num_classes, bundle.input_shape, seed=0)
+    strategy = make_strategy(cfg, [n for n, _ in model.named_parameters()])
+    observed = Observed(strategy, validator=make_validator(cfg, strategy))
+    train_rounds(observed, grid, ArrayRecord(model.state_dict()), cfg)
+    rec = observed.record(1)
+    assert (rec.clients, rec.failed, rec.dropped) == (1, 1, 0)  # failed, not also missing
+    assert rec.failures[0]["node_id"] == 102 and "unavailable" in rec.failures[0]["reason"]
+    assert errors[0].metadata.src_node_id == 0  # read, not rewritten (no private field)
+
+
+def test_transport_defaults_to_fast_only_where_verified(monkeypatch, capsys) -> None:
+    parser = simulate.build_parser()
+    monkeypatch.setattr(simulation, "fast_transport_problem", lambda: None)
+    assert simulation.choose_transport(parser, None) == "fast"
+    assert simulation.choose_transport(parser, "flower") == "flower"
+    reason = "the fast transport is verified for Flower 1.42.x, not 1.50.0"
+    monkeypatch.setattr(simulation, "fast_transport_problem", lambda: reason)
+    assert simulation.choose_transport(parser, None) == "flower"
+    err = capsys.readouterr().err
+    assert err == f"WARNING: {reason}; using --transport flower\n"
+    assert simulation.choose_transport(parser, "flower") == "flower"
+    with pytest.raises(SystemExit) as exc:
+        simulation.choose_transport(parser, "fast")
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == f"simulate.py: error: --transport fast: {reason}\n"
 
 
 def test_object_store_holds_a_rounds_updates_and_two_models() -> None:
@@ -257,16 +314,18 @@ def test_round_loop_gives_flowers_start_model_where_they_agree(mode, inprocess_g
 
 
 @pytest.mark.slow
-def test_ray_simulation_end_to_end(run_simulate, tmp_path, flower_env) -> None:
+@pytest.mark.parametrize("transport", ["fast", "flower"])
+def test_ray_simulation_end_to_end(transport, run_simulate, tmp_path, flower_env) -> None:
     out = tmp_path / "run"
     proc = run_simulate(
         [
+            "--transport", transport,
             "--clients", "3",
             "--rounds", "2",
             "--local-steps", "2",
             "--audit-ground-truth",
             "--out", str(out),
-            "--ray-temp-dir", str(flower_env / "ray" / "e2e"),
+            "--ray-temp-dir", str(flower_env / "ray" / f"e2e-{transport}"),
         ],
         timeout=240,
         faults="nan:1:2,raise:2:2",
@@ -281,11 +340,65 @@ def test_ray_simulation_end_to_end(run_simulate, tmp_path, flower_env) -> None:
     assert (rows[0]["clients"], rows[0]["rejected"], rows[0]["failed"]) == (3, 0, 0)
     assert (rows[1]["clients"], rows[1]["rejected"], rows[1]["failed"]) == (1, 1, 1)
     assert "round 1/2: 3 clients replied" in proc.stdout
+    assert f"({transport} transport)" in proc.stdout
     assert (out / "accuracy.png").stat().st_size > 0
     config = json.loads((out / "config.json").read_text())
     assert config["clients"] == 3 and config["rounds"] == 2 and config["mode"] == "fedavg"
     assert config["data-dir"] == str((out / "data").resolve())  # the embedded default
     assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+# Run in a fresh process: the simulation, then which of Flower's engine parts are Flower's
+# own, and whether the server received any record through the fast transport's store.
+_TRANSPORT_PROBE = """
+import json, sys
+import simulate
+code = simulate.main(sys.argv[1:])
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend import raybackend
+from flwr.simulation.ray_transport import ray_actor
+from precode_flower.strategies import ray_transport
+print(json.dumps({
+    "feeder": vce_api.add_messages_to_queue.__module__ == vce_api.__name__,
+    "injector": vce_api.put_message_into_state.__module__ == vce_api.__name__,
+    "pool": raybackend.BasicActorPool is ray_actor.BasicActorPool,
+    "shared": ray_transport._SHARED_SEEN,
+}))
+sys.exit(code)
+"""
+
+
+@pytest.mark.slow
+def test_both_transports_give_bitwise_the_same_model(tmp_path, flower_env) -> None:
+    """The same seeded 2-round simulation on --transport fast and flower; flower leaves
+    Flower's engine as it is and no record goes through the fast transport's store."""
+    models, flowers = {}, {}
+    for transport in ("fast", "flower"):
+        out = tmp_path / transport
+        flags = [
+            "--clients", "2", "--rounds", "2", "--local-steps", "2", "--seed", "3",
+            "--no-progress", "--transport", transport, "--out", str(out),
+            "--ray-temp-dir", str(flower_env / "ray" / transport),
+        ]  # fmt: skip
+        proc = subprocess.run(
+            [sys.executable, "-c", _TRANSPORT_PROBE, *flags],
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert "2/2 rounds in" in proc.stdout and f"({transport} transport)" in proc.stdout
+        flowers[transport] = json.loads(proc.stdout.strip().splitlines()[-1])
+        models[transport] = torch.load(out / "model.pt", weights_only=True)
+    assert flowers["flower"] == {"feeder": True, "injector": True, "pool": True, "shared": False}
+    assert flowers["fast"] == {"feeder": False, "injector": False, "pool": False, "shared": True}
+    fast, plain = models["fast"], models["flower"]
+    assert fast.keys() == plain.keys()
+    assert all(torch.equal(fast[k], plain[k]) for k in fast)
+    rows = {t: _without_timing(_rows(tmp_path / t)) for t in models}
+    assert rows["fast"] == rows["flower"]
 
 
 @pytest.fixture

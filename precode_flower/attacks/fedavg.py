@@ -1,44 +1,53 @@
 """``fedavg``: inverting a FedAvg weight update by unrolling the client's local training.
 
 The server knows the global weights (the ``model`` passed in), the client's returned weights,
-and the local training hyperparameters. ``gradients`` must be the weight *difference*
-``new - old`` per parameter (in ``model.parameters()`` order or by name), not a gradient.
+and what it knows of the client's local training (:class:`~precode_flower.local_training.
+LocalTraining`). ``gradients`` must be the weight *difference* ``new - old`` per parameter (in
+``model.parameters()`` order or by name), not a gradient.
 
-The attack optimises a dummy dataset so that ``local_steps`` differentiable SGD steps from the
-global weights (:func:`torch.func.functional_call`, ``create_graph=True``) reproduce the update:
+The attack optimises a dummy dataset of ``batch_size`` examples so that the local training
+replayed on it (:func:`~precode_flower.local_training.unrolled_update`: every epoch, the last
+batch ragged, SGD with momentum / Nesterov / weight decay or Adam / AdamW, loss =
+cross-entropy + PRECODE loss in train mode, ``create_graph=True``) reproduces the update:
 
     min_x  cost(w_T(x) - w_0, update) + tv * TV(x)
 
-Assumptions, matching :func:`precode_flower.training.train` with one epoch: plain SGD (no
-momentum, no weight decay), loss = cross-entropy + PRECODE loss in train mode, and a client
-dataset of exactly ``batch_size = local_steps * local_batch_size`` examples split into
-``local_steps`` consecutive batches of ``local_batch_size`` (the client's shuffling does not
-matter: the dummy examples are free variables, and step t simply uses dummy rows
-``t*b .. (t+1)*b``). The PRECODE/dropout noise is fixed by seeding (the server cannot know
-the client's draws); each evaluation replays the same sequence of draws.
+The client's shuffling does not matter in the first epoch (the dummy examples are free
+variables: step t simply uses the dummy rows of its batch); later epochs revisit the rows in
+the same order here, an approximation for clients that reshuffle (pass ``order`` when the
+real per-step rows are known). The PRECODE/dropout noise is fixed by seeding (the server
+cannot know the client's draws); each evaluation replays the same sequence of draws.
+
+What the training was is stated, never silently assumed: the result's ``info["training"]``
+describes what was unrolled and ``info["assumed"]`` lists the fields that nobody stated and
+that were guessed (:meth:`LocalTraining.resolve`: one full-batch plain-SGD step at lr 0.01).
 
 Labels: given (aligned with the dummy rows), or recovered with
-:func:`label_recovery.recover_labels` from the pseudo-gradient
-``-update / (local_lr * local_steps)`` (exact for one step; for several steps it is the mean
-gradient along the trajectory, which is a good proxy while the weights move little).
+:func:`label_recovery.recover_labels` from the pseudo-gradient ``-update / (lr * s)``, ``s``
+the effective step count of the training (:meth:`LocalTraining.effective_steps`; exact for
+one step; for several steps it is the mean gradient along the trajectory).
 
 Options (those shared with ``ig`` mean the same; defaults differ where noted):
 
 ==================  ========  ==========================================================
 option              default   meaning
 ==================  ========  ==========================================================
-local_steps         1         local SGD steps the client took
-local_lr            0.01      the client's learning rate (``training.train``'s default)
-local_batch_size    None      examples per step; None: ``batch_size // local_steps``
+training            None      a :class:`LocalTraining` (or a dict of its fields)
+local_steps         None      overrides ``training.steps``
+local_lr            None      overrides ``training.lr``
+local_batch_size    None      overrides ``training.batch_size``; with ``local_steps`` only:
+                              ``ceil(batch_size / local_steps)`` (one epoch)
+order               None      rows of every step (list of index lists), e.g. the client's
+                              real batches; None: :meth:`LocalTraining.batches`
 cost                "cosine"  "cosine" or "l2" distance between simulated and real update
 tv                  1e-6      total-variation weight
 lr                  0.01      attack step size
-optimizer           "adam"    "adam" or "sgd"
+optimizer           "adam"    the attack's optimizer, "adam" or "sgd"
 signed              True      step on the sign of the image gradient
 schedule            "step"    lr x0.1 at 3/8, 5/8, 7/8 of ``iterations``; None: constant
 boxed               True      clamp pixels to [0, 1] (normalised space) after every step
-iterations          500       steps per restart (CPU-friendly; unrolling costs
-                              ``local_steps`` double backward passes per iteration)
+iterations          500       steps per restart (CPU-friendly; unrolling costs one double
+                              backward pass per local step per iteration)
 restarts            1         the restart with the lowest final loss is returned
 init                "randn"   "randn", "rand", "zeros" or a (B, C, H, W) tensor
 layers              None      which parameters' updates to match (``select_parameters``)
@@ -53,16 +62,15 @@ progress            False     tqdm progress bar
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from ..precode import precode_loss
+from ..local_training import LocalTraining, unrolled_update
 from .base import AttackResult, Timer, register, select_parameters
 from .gradient_matching import COSTS, Cost, attack_session, distance
 from .ig import IGOptions, optimise_restarts, pixel_box, resolve_labels, restart_info
@@ -76,39 +84,53 @@ class FedAvgOptions(IGOptions):
     EXCLUDED: ClassVar[frozenset[str]] = frozenset({"fast"})
 
     iterations: int = 500
-    local_steps: int = 1
-    local_lr: float = 0.01
+    training: LocalTraining | Mapping[str, Any] | None = None
+    local_steps: int | None = None
+    local_lr: float | None = None
     local_batch_size: int | None = None
+    order: Sequence[Sequence[int]] | None = None
 
     def validate(self, attack: str = "fedavg") -> None:
         super().validate(attack)
-        if not isinstance(self.local_steps, int) or self.local_steps < 1:
+        if self.local_steps is not None and (
+            not isinstance(self.local_steps, int) or self.local_steps < 1
+        ):
             raise ValueError(f"{attack}: local_steps must be an integer >= 1")
-        if not (isinstance(self.local_lr, int | float) and self.local_lr > 0):
+        if self.local_lr is not None and not (
+            isinstance(self.local_lr, int | float) and self.local_lr > 0
+        ):
             raise ValueError(f"{attack}: local_lr must be a number > 0, got {self.local_lr!r}")
         if self.local_batch_size is not None and (
             not isinstance(self.local_batch_size, int) or self.local_batch_size < 1
         ):
             raise ValueError(f"{attack}: local_batch_size must be an integer >= 1 or None")
+        if self.training is not None and not isinstance(self.training, LocalTraining | Mapping):
+            raise ValueError(f"{attack}: training must be a LocalTraining or a dict of its fields")
 
-    def steps_and_batch(self, batch_size: int, attack: str = "fedavg") -> tuple[int, int]:
-        """(local_steps, local_batch_size), checked against the number of examples."""
-        b = self.local_batch_size
-        if b is None:
-            if batch_size % self.local_steps:
-                raise ValueError(
-                    f"{attack}: batch_size={batch_size} examples cannot be split into "
-                    f"local_steps={self.local_steps} equal batches; set local_batch_size"
-                )
-            b = batch_size // self.local_steps
-        if self.local_steps * b != batch_size:
+    def local_training(self, examples: int, attack: str = "fedavg") -> tuple[LocalTraining, list]:
+        """(the fully specified training to unroll over ``examples`` examples, fields guessed)."""
+        base = self.training
+        if isinstance(base, Mapping):
+            base = LocalTraining(**base)
+        base = base or LocalTraining()
+        updates: dict[str, Any] = {}
+        if self.local_steps is not None:
+            updates.update(steps=self.local_steps, epochs=None)
+            if self.local_batch_size is None and base.batch_size is None:
+                updates["batch_size"] = -(-examples // self.local_steps)
+        if self.local_lr is not None:
+            updates["lr"] = float(self.local_lr)
+        if self.local_batch_size is not None:
+            updates["batch_size"] = self.local_batch_size
+        training, guessed = dataclasses.replace(base, **updates).resolve(examples)
+        used = training.used_examples(examples)
+        if used < examples:
             raise ValueError(
-                f"{attack}: the client's examples must number local_steps * local_batch_size = "
-                f"{self.local_steps} * {b} = {self.local_steps * b} (one epoch), but "
-                f"batch_size={batch_size}; pass batch_size={self.local_steps * b} "
-                "(or that many labels)"
+                f"{attack}: {training.total_steps(examples)} local step(s) of batch "
+                f"{training.batch_size} visit {used} of batch_size={examples} examples; pass "
+                f"batch_size={used} (or that many labels), or more steps"
             )
-        return self.local_steps, b
+        return training, guessed
 
 
 class UpdateMatcher:
@@ -125,21 +147,18 @@ class UpdateMatcher:
         mask: Sequence[bool],
         *,
         cost: Cost,
-        local_steps: int,
-        local_lr: float,
-        local_batch_size: int,
+        training: LocalTraining,
         noise_seed: int,
+        order: Sequence[Sequence[int]] | None = None,
     ) -> None:
         if cost not in COSTS:
             raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
         named = list(model.named_parameters())
         self.model = model
         self.cost: Cost = cost
-        self.local_steps = local_steps
-        self.local_lr = float(local_lr)
-        self.local_batch_size = local_batch_size
+        self.training = training
+        self.order = order
         self.noise_seed = int(noise_seed)
-        self.all_names = [n for n, _ in named]
         self.names = [n for (n, _), m in zip(named, mask, strict=True) if m]
         self._targets = [u.detach() for u, m in zip(update, mask, strict=True) if m]
         self.target_sq = torch.stack([t.pow(2).sum() for t in self._targets]).sum()
@@ -151,8 +170,6 @@ class UpdateMatcher:
         # functional_call swaps in our own weight tensors; the module's stay constants.
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self._start = {n: p.detach() for n, p in self.model.named_parameters()}
-        self._buffers = dict(self.model.named_buffers())
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -165,24 +182,18 @@ class UpdateMatcher:
         return []
 
     def simulated_update(self, x: Tensor, labels: Tensor, *, create_graph: bool = True) -> list:
-        """``w_T - w_0`` of the selected parameters after unrolled local SGD on ``(x, labels)``."""
+        """``w_T - w_0`` of the selected parameters after the local training on ``(x, labels)``."""
         torch.manual_seed(self.noise_seed)
-        start = {n: w.clone().requires_grad_(True) for n, w in self._start.items()}
-        weights = dict(start)
-        b = self.local_batch_size
-        for t in range(self.local_steps):
-            xb, yb = x[t * b : (t + 1) * b], labels[t * b : (t + 1) * b]
-            logits = functional_call(self.model, {**weights, **self._buffers}, (xb,))
-            # The client's loss (training.loss_fn); the bottlenecks cached this pass's KL.
-            loss = F.cross_entropy(logits, yb) + precode_loss(self.model)
-            grads = torch.autograd.grad(
-                loss, list(weights.values()), create_graph=create_graph, allow_unused=True
-            )
-            weights = {
-                n: w if g is None else w - self.local_lr * g
-                for (n, w), g in zip(weights.items(), grads, strict=True)
-            }
-        return [weights[n] - start[n] for n in self.names]
+        update = unrolled_update(
+            self.model,
+            x,
+            labels,
+            self.training,
+            order=self.order,
+            names=self.names,
+            create_graph=create_graph,
+        )
+        return [update[n] for n in self.names]
 
     def __call__(self, x: Tensor, labels: Tensor, *, create_graph: bool = True) -> Tensor:
         update = self.simulated_update(x, labels, create_graph=create_graph)
@@ -206,12 +217,12 @@ def fedavg(
 ) -> AttackResult:
     """Invert a FedAvg update; ``gradients`` = new weights - global weights (see module doc)."""
     opts = FedAvgOptions.from_options(options, "fedavg")
-    steps, local_b = opts.steps_and_batch(batch_size)
+    training, guessed = opts.local_training(batch_size)
     with Timer() as timer:
         update = list(gradients)
         if labels is None:
-            # -update / (lr * steps) is the client's mean gradient along its trajectory.
-            scale = -1.0 / (opts.local_lr * steps)
+            # -update / (lr * s) estimates the client's mean gradient along its trajectory.
+            scale = -1.0 / (float(training.lr) * training.effective_steps(batch_size))
             pseudo = [u * scale for u in update]
             labels, recovered = resolve_labels(model, pseudo, None, batch_size)
         else:
@@ -221,10 +232,9 @@ def fedavg(
             update,
             select_parameters(model, opts.layers),
             cost=opts.cost,
-            local_steps=steps,
-            local_lr=opts.local_lr,
-            local_batch_size=local_b,
+            training=training,
             noise_seed=seed if opts.noise_seed is None else opts.noise_seed,
+            order=opts.order,
         )
         param = next(model.parameters())
         box = pixel_box(mean, std, param.device, param.dtype)
@@ -241,9 +251,11 @@ def fedavg(
         info={
             **restart_info(runs, best, opts),
             "labels_recovered": recovered,
-            "local_steps": steps,
-            "local_batch_size": local_b,
-            "local_lr": opts.local_lr,
+            "training": training.describe(batch_size, guessed),
+            "assumed": guessed,
+            "local_steps": training.total_steps(batch_size),
+            "local_batch_size": training.batch_size,
+            "local_lr": training.lr,
             "matched_parameters": list(matcher.names),
         },
     )

@@ -163,7 +163,8 @@ class LeakageAuditor:
         self.print_summary = print_summary
         self._options = {a: dict((attack_options or {}).get(a, {})) for a in self.attacks}
 
-        self.out_dir = Path(out_dir)
+        # Absolute: the paths are logged and written into the summary.
+        self.out_dir = Path(out_dir).resolve()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.recon_dir = private_dir(self.out_dir / "reconstructions")
         self.jsonl_path = self.out_dir / "leakage.jsonl"
@@ -194,7 +195,12 @@ class LeakageAuditor:
         self._ctx = mp.get_context("spawn")
         self._threads = threads
         self._nice = min(nice, 19)
+        #: Why the workers could not start (None while they can); every job then fails with it.
+        self.start_failure: str | None = None
+        self._start_failures = 0
+        self._errors_logged: set[str] = set()  # attacks whose first error was logged loudly
         self._workers = [self._start_worker() for _ in range(workers)]
+        log.info("audit: %s; outputs in %s", ", ".join(self.attacks), self.out_dir)
         self._dispatcher = threading.Thread(
             target=self._dispatch_loop, name="leakage-auditor", daemon=True
         )
@@ -245,9 +251,20 @@ class LeakageAuditor:
                     "defense": str(job.defense),
                     "kind": job.kind,
                     "batch_size": int(job.batch_size),
+                    "training": _training_text(job, payload),
+                    "assumed": list(job.assumed),
                 }
+                if payload["ground_truth"] is None:
+                    meta["unscored_reason"] = job.unscored_reason or "no ground truth in the job"
                 if meta["defense"] not in self._defenses:
                     self._defenses.append(meta["defense"])
+                if self.start_failure is not None:
+                    for attack in self.attacks:
+                        self._record(
+                            {**meta, "attack": attack}, _failed("error", self.start_failure)
+                        )
+                    accepted.append(False)
+                    continue
                 if self._closing or len(self._jobs) >= self.max_pending:
                     self.dropped += 1
                     why = "auditor closed" if self._closing else f"queue full ({self.max_pending})"
@@ -269,7 +286,7 @@ class LeakageAuditor:
                 state.outstanding += len(self.attacks)
                 state.norm = (payload["mean"], payload["std"])
                 state.widths[str(job.client)] = meta["batch_size"]
-                if payload["ground_truth"] is not None:
+                if payload["ground_truth"] is not None and payload["truth_kind"] == "batch":
                     path = self.recon_dir / f"round{job.round:04d}_client{job.client}_original.pt"
                     _save_private(payload["ground_truth"][0], path)
                     state.originals[str(job.client)] = path
@@ -392,6 +409,7 @@ class LeakageAuditor:
                 dropped_jobs=self.dropped,
                 abandoned=self.abandoned,
                 budget=self._budget_text(),
+                start_failure=self.start_failure,
             )
             self._summary = text
         self.summary_path.write_text(text)
@@ -433,6 +451,16 @@ class LeakageAuditor:
     def _finish(self, task: _Task, result: dict[str, Any], images: Tensor | None = None) -> None:
         """Book the result of one task."""
         job = self._jobs[task.job_id]
+        if result.get("status") == "error" and task.attack not in self._errors_logged:
+            # The first failure of an attack is loud (with its cause), not only a row.
+            self._errors_logged.add(task.attack)
+            log.error(
+                "audit: %s failed on round %s client %s: %s",
+                task.attack,
+                job.meta["round"],
+                job.meta["client"],
+                result.get("error"),
+            )
         meta = {
             **job.meta,
             "attack": task.attack,
@@ -566,6 +594,7 @@ class LeakageAuditor:
                         msg = worker.conn.recv()
                         if msg[0] == "ready":
                             worker.ready = True
+                            self._changed.notify_all()
                         elif msg[0] == "result" and worker.task and msg[1] == worker.task.id:
                             task, worker.task = worker.task, None
                             self._finish(task, msg[2], msg[3])
@@ -574,6 +603,9 @@ class LeakageAuditor:
             if dead or (worker.process.sentinel in ready and not worker.process.is_alive()):
                 worker.process.join(timeout=1)
                 code = worker.process.exitcode
+                if not worker.ready:
+                    self._worker_failed_to_start(worker, code)
+                    continue
                 if worker.task is not None:
                     task, worker.task = worker.task, None
                     why = f"worker process died (exit code {code}; out of memory?)"
@@ -604,6 +636,39 @@ class LeakageAuditor:
             self._finish(task, result)
             self._replace(worker, kill=True)
 
+    def _worker_failed_to_start(self, worker: _Worker, code: int | None) -> None:
+        """A worker died before it was ready: not replaced (it would die again); loud."""
+        self._start_failures += 1
+        if self.start_failure is None:
+            self.start_failure = (
+                f"worker process failed to start (exit code {code}): a spawned worker imports "
+                "the main module again, so a script that creates the auditor at its top level "
+                "needs an `if __name__ == '__main__':` guard; the worker's own error is on "
+                "stderr above"
+            )
+            log.error("audit: %s", self.start_failure)
+        worker.conn.close()
+        self._workers.remove(worker)
+        if worker.task is not None:
+            task, worker.task = worker.task, None
+            self._finish(task, _failed("error", self.start_failure))
+        if not self._workers:  # nothing can run what is queued: fail it now, not at close
+            while self._queue:
+                self._finish(self._queue.popleft(), _failed("error", self.start_failure))
+        self._changed.notify_all()
+
+    def wait_workers(self, timeout: float | None = None) -> bool:
+        """Block until every worker is ready (True), or one failed to start or ``timeout``
+        seconds passed (False; :attr:`start_failure` says why when one failed)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self.start_failure is None and not all(w.ready for w in self._workers):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._changed.wait(0.1 if left is None else min(left, 0.1))
+            return self.start_failure is None
+
     def _replace(self, worker: _Worker, kill: bool = False) -> None:
         """Swap ``worker`` for a fresh process, killing it first if asked."""
         if kill and worker.process.is_alive():
@@ -612,6 +677,14 @@ class LeakageAuditor:
         worker.conn.close()
         index = self._workers.index(worker)
         self._workers[index] = self._start_worker()
+
+
+def _training_text(job: AuditJob, payload: Mapping[str, Any]) -> str:
+    """The training the attacks assume, for every row (and the summary)."""
+    if job.kind == "gradients":
+        return f"FedSGD: the gradient of one batch of {job.batch_size}"
+    training = payload["training"]
+    return training.describe(job.batch_size, job.assumed)
 
 
 def _failed(status: str, error: str) -> dict[str, Any]:

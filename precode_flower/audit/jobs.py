@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS
+from ..local_training import LocalTraining
 
 UpdateKind = Literal["gradients", "weights"]
 
@@ -38,6 +39,14 @@ class AuditJob:
         ground_truth: the client's (x, y) behind the update, only from an explicit evaluation
             channel; None in deployment (then nothing can be scored).
         defense: the configured defense, for the verdict (``"none"``, ``"precode"``, ...).
+        training: the local training the attacks assume (``kind="weights"``), fully
+            specified (:meth:`LocalTraining.resolve`); None: plain SGD from ``local_steps``,
+            ``lr`` and ``local_batch_size``.
+        assumed: the fields of ``training`` that nobody stated and that were guessed.
+        truth_kind: ``"batch"`` (``ground_truth`` is the examples behind the update, in order)
+            or ``"partition"`` (the client's whole partition: each reconstruction is scored
+            against its best match there).
+        unscored_reason: why there is no ground truth, for the summary.
     """
 
     round: int
@@ -55,6 +64,10 @@ class AuditJob:
     global_state: Mapping[str, Tensor | np.ndarray] | None = None
     ground_truth: tuple[Tensor, Tensor] | None = None
     defense: str = "none"
+    training: LocalTraining | None = None
+    assumed: tuple[str, ...] = ()
+    truth_kind: Literal["batch", "partition"] = "batch"
+    unscored_reason: str | None = None
 
 
 def task_seed(seed: int, round: int, client: int | str, attack: str) -> int:
@@ -103,6 +116,16 @@ def _snapshot(job: AuditJob) -> dict[str, Any]:
         raise ValueError(f"kind must be 'gradients' or 'weights', got {job.kind!r}")
     _check_int("batch_size", job.batch_size, 1)
     _check_int("local_steps", job.local_steps, 1)
+    if job.truth_kind not in ("batch", "partition"):
+        raise ValueError(f"truth_kind must be 'batch' or 'partition', got {job.truth_kind!r}")
+    training = job.training
+    if training is None and job.kind == "weights":
+        # The older description: plain SGD, local_steps steps of local_batch_size.
+        training = LocalTraining(
+            batch_size=job.local_batch_size or -(-job.batch_size // job.local_steps),
+            steps=job.local_steps,
+            lr=job.lr,
+        ).with_defaults()
     model = job.model
     if isinstance(model, nn.Module):
         model = copy_model(model).cpu()
@@ -132,6 +155,8 @@ def _snapshot(job: AuditJob) -> dict[str, Any]:
         "lr": None if job.lr is None else float(job.lr),
         "local_batch_size": job.local_batch_size,
         "ground_truth": truth,
+        "truth_kind": job.truth_kind,
+        "training": training,
     }
 
 

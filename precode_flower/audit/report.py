@@ -95,7 +95,7 @@ def verdicts(
         elif not ok:
             lines.append(f"NO EVIDENCE {under}: every attack run failed{fail_note}.")
         elif scored:
-            leaks, best = [], None
+            leaks, best, notes = [], None, []
             for attack in attacks:
                 a_rows = [r for r in scored if r.get("attack") == attack]
                 if not a_rows:
@@ -107,22 +107,32 @@ def verdicts(
                     best = (attack, ssim)
                 if k and attack == "labels":
                     acc = _mean(r.get("label_accuracy") for r in a_rows)
+                    base = _mean(r.get("label_baseline") for r in a_rows)
+                    if acc is not None and base is not None and acc <= base:
+                        # Label counts of a large batch: guessing even counts does as well.
+                        notes.append(
+                            f"labels: label accuracy {_fmt(acc)} is no better than guessing "
+                            f"even class counts ({_fmt(base)}), not counted as a leak"
+                        )
+                        continue
                     leaks.append(
                         f"labels recovered the labels of {k}/{n} audited images "
-                        f"(label accuracy {_fmt(acc)})"
+                        f"(label accuracy {_fmt(acc)}"
+                        + (f"; even-count guess {_fmt(base)})" if base is not None else ")")
                     )
                 elif k:
                     leaks.append(
                         f"{attack} reconstructed {k}/{n} audited images (SSIM {_fmt(ssim)})"
                     )
+            note = f" ({'; '.join(notes)})" if notes else ""
             if leaks:
-                lines.append(f"LEAK: {'; '.join(leaks)} {where}{fail_note}.")
+                lines.append(f"LEAK: {'; '.join(leaks)} {where}{fail_note}.{note}")
             else:
                 tried = ", ".join(a for a in attacks if any(r.get("attack") == a for r in scored))
                 best_text = f"; best mean SSIM {best[1]:.2f} by {best[0]}" if best else ""
                 lines.append(
                     f"NO LEAK FOUND {under}: no reconstruction by {tried} reached SSIM "
-                    f"{success_ssim:.2f}{best_text}{fail_note}. This is evidence from these "
+                    f"{success_ssim:.2f}{best_text}{fail_note}{note}. This is evidence from these "
                     "attacks at this budget, not a guarantee: a stronger attack, a larger "
                     "budget or other rounds may still recover the data."
                 )
@@ -141,15 +151,58 @@ def verdicts(
                 if losses:
                     text += f", median final attack loss {statistics.median(losses):.3g}"
                 if any(r.get("labels") is not None for r in a_rows):
-                    text += ", labels recovered"
+                    text += ", labels returned (unverified)"
                 evidence.append(text)
             place = f" in {recon_dir}" if recon_dir else ""
             lines.append(
-                f"SCORES UNAVAILABLE {under}: no ground truth (deployment), so leakage cannot "
-                f"be measured. Evidence: {'; '.join(evidence)}{fail_note}. Inspect the "
-                f"reconstructions{place}."
+                f"SCORES UNAVAILABLE {under}: no ground truth ({unscored_reasons(ok)}), so "
+                f"leakage cannot be measured. Evidence: {'; '.join(evidence)}{fail_note}. "
+                f"Inspect the reconstructions{place}."
             )
+        guess = assumed_text(mine)
+        if guess and lines:
+            lines[-1] += " " + guess
     return lines
+
+
+def _truth_source(rows: Iterable[Mapping[str, Any]]) -> str:
+    methods = {r.get("match_method") for r in rows if r.get("scored")}
+    if methods & {"optimal", "nearest"}:
+        return "partition_fn: each reconstruction against its best match in the partition"
+    return "the examples behind each update"
+
+
+def unscored_reasons(rows: Iterable[Mapping[str, Any]]) -> str:
+    """Why these rows have no scores, from the rows themselves (older rows: deployment)."""
+    reasons = dict.fromkeys(str(r.get("unscored_reason") or "deployment") for r in rows)
+    return "; ".join(reasons) or "deployment"
+
+
+def assumed_text(rows: Iterable[Mapping[str, Any]]) -> str:
+    """The verdict's note on guessed local training ("" when nothing was guessed)."""
+    guessed = [r for r in rows if r.get("assumed")]
+    if not guessed:
+        return ""
+    fields = ", ".join(dict.fromkeys(f for r in guessed for f in r["assumed"]))
+    return (
+        f"The attacks on weight updates assumed the clients' training ({fields} guessed: "
+        f"{guessed[0].get('training')}); nobody stated it (pass local=LocalTraining(...)), "
+        "and a wrong guess weakens every attack on weight updates."
+    )
+
+
+def training_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One Markdown bullet per distinct training the attacks assumed, with its update count."""
+    counts: dict[tuple[str, tuple[str, ...]], set[tuple[Any, str]]] = {}
+    for r in rows:
+        if r.get("training"):
+            key = (str(r["training"]), tuple(r.get("assumed") or ()))
+            counts.setdefault(key, set()).add((r["round"], str(r["client"])))
+    out = []
+    for (text, assumed), updates in counts.items():
+        note = f"; guessed: {', '.join(assumed)}" if assumed else "; as stated"
+        out.append(f"- `{text}` ({len(updates)} update(s){note})")
+    return out
 
 
 def summarize(
@@ -165,8 +218,10 @@ def summarize(
     dropped_jobs: int = 0,
     abandoned: int = 0,
     budget: str = "",
+    start_failure: str | None = None,
 ) -> str:
-    """The Markdown summary: verdicts, a per-attack table, outputs and failures."""
+    """The Markdown summary: verdicts, the training assumed, a per-attack table, outputs and
+    failures."""
     rounds = sorted({r["round"] for r in rows})
     updates = {(r["round"], str(r["client"])) for r in rows}
     scored_any = any(r.get("scored") for r in rows)
@@ -177,20 +232,28 @@ def summarize(
     )
     if scored_any:
         out.append(
-            f"Scored against the clients' true data from the explicit evaluation channel; "
+            "Scored against the clients' true data from the explicit ground-truth channel "
+            f"({_truth_source(rows)}); "
             f"success = SSIM >= {success_ssim:.2f}."
         )
     else:
         out.append(
-            "No ground truth (deployment, or the evaluation channel was off): "
+            f"No ground truth ({unscored_reasons(rows)}): "
             "scores are unavailable; the reference-free evidence is shown."
         )
+    if start_failure:
+        out += ["", f"**The audit could not run: {start_failure}.**"]
     out += ["", "## Verdict", ""]
     out += [f"- {line}" for line in verdicts(rows, attacks, defenses, success_ssim, recon_dir)]
     out += [
         "",
         "A verdict is evidence from the attacks tried, at their budget, on the audited "
         "rounds and clients. It is never a proof of privacy.",
+    ]
+    trainings = training_lines(rows)
+    if trainings:
+        out += ["", "## Training the attacks assumed", "", *trainings]
+    out += [
         "",
         "## Per attack",
         "",

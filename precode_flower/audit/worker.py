@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS
+from ..local_training import LocalTraining
 from .jobs import copy_model
 
 
@@ -44,30 +45,43 @@ def attack_inputs(
 ) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
     """(tensors to pass as ``gradients``, extra options, whether they are pseudo-gradients).
 
-    ``fedavg`` inverts a weight update; the gradient attacks need gradients. A FedSGD gradient
-    is the weight update of one step at lr 1 (with the sign flipped); a FedAvg update of ``s``
-    steps at learning rate ``lr`` is approximated by the pseudo-gradient
-    ``-(new - old) / (lr * s)`` (exact for one full-batch step of plain SGD).
+    ``fedavg`` inverts a weight update by unrolling the job's local training; the gradient
+    attacks need gradients. A FedSGD gradient is the weight update of one step at lr 1 (with
+    the sign flipped); a FedAvg update is turned into the pseudo-gradient
+    ``-(new - old) / (lr * s)``, ``s`` the training's effective step count
+    (:meth:`LocalTraining.effective_steps`: the steps for plain SGD, more with momentum; exact
+    for one full-batch step of plain SGD; a direction only for Adam).
     """
     update: dict[str, Tensor] = payload["update"]
     kind = payload["kind"]
+    n = int(payload["batch_size"])
     if attack == "fedavg":
         if kind == "weights":
-            opts = {
-                "local_steps": payload["local_steps"],
-                "local_lr": payload["lr"],
-                "local_batch_size": payload["local_batch_size"] or payload["batch_size"],
-            }
-            return update, opts, False
+            return update, {"training": payload["training"]}, False
         delta = {k: -v for k, v in update.items()}
-        opts = {"local_steps": 1, "local_lr": 1.0, "local_batch_size": payload["batch_size"]}
-        return delta, opts, False
+        one_step = LocalTraining(batch_size=n, steps=1, lr=1.0).with_defaults()
+        return delta, {"training": one_step}, False
     if kind == "gradients":
         return update, {}, False
-    if not payload["lr"]:
+    training: LocalTraining = payload["training"]
+    if not training.lr:
         raise ValueError(f"{attack}: a weight update needs the local learning rate (lr)")
-    scale = float(payload["lr"]) * max(int(payload["local_steps"]), 1)
+    scale = float(training.lr) * training.effective_steps(n)
     return {k: -v / scale for k, v in update.items()}, {}, True
+
+
+def pseudo_gradient_text(payload: Mapping[str, Any]) -> str:
+    """How a weight update became this attack's gradient, for the row."""
+    training: LocalTraining = payload["training"]
+    n = int(payload["batch_size"])
+    steps = training.total_steps(n)
+    effective = training.effective_steps(n)
+    text = f"-update / (lr {training.lr:g} x {effective:.4g})"
+    if (training.optimizer or "sgd") != "sgd":
+        return text + f": {training.optimizer} has no linear scale, a direction only"
+    if training.momentum:
+        return text + f": mean gradient of {steps} momentum-{training.momentum:g} steps"
+    return text + (": exact (one full-batch step)" if steps == 1 else f": mean of {steps} steps")
 
 
 def _run_attack(
@@ -80,6 +94,7 @@ def _run_attack(
 ) -> tuple[dict[str, Any], Tensor | None]:
     """Run one attack on one update; score it where ground truth came with the job."""
     from ..attacks import reconstruct
+    from ..ground_truth import score_against_partition
     from ..metrics import score
 
     fn = ATTACKS[attack]
@@ -107,16 +122,42 @@ def _run_attack(
         "info": result.info,
         "scored": False,
     }
+    if pseudo:
+        row["pseudo_gradient_estimate"] = pseudo_gradient_text(payload)
     truth = payload["ground_truth"]
     if truth is not None:
         x, y = truth
-        scores = score(result, x, y, payload["mean"], payload["std"], success_ssim=success_ssim)
+        rate = score_against_partition if payload["truth_kind"] == "partition" else score
+        scores = rate(result, x, y, payload["mean"], payload["std"], success_ssim=success_ssim)
         for key in ("attack", "batch_size", "seconds", "loss", "recovered"):  # ours stay
             scores.pop(key, None)
         row.update(scores)
         row["scored"] = True
+        if row.get("label_accuracy") is not None and len(y) > 1:
+            row["label_baseline"] = even_count_baseline(model, payload, y)
     images = None if result.images is None else result.images.detach().cpu()
     return row, images
+
+
+def even_count_baseline(model: nn.Module, payload: Mapping[str, Any], labels: Tensor) -> float:
+    """Label accuracy of an uninformed guess: the batch's size spread evenly over the classes.
+
+    Multiset label accuracy of a large batch is high for any guess with plausible counts, so
+    a recovered label count only leaks what it adds over this.
+    """
+    from ..metrics import label_accuracy
+
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        classes = int(model(torch.zeros(1, *payload["input_shape"], device=device)).shape[-1])
+        model.train(was)
+    n = len(labels)
+    counts = torch.full((classes,), n // classes, dtype=torch.long)
+    counts[: n % classes] += 1
+    guess = torch.repeat_interleave(torch.arange(classes), counts)
+    return label_accuracy(guess, labels)
 
 
 def _prefer_oom_kill() -> None:
