@@ -23,6 +23,10 @@ Node-local settings come from ``context.node_config``: ``partition-id`` and
 ``flower-supernode``) and optionally ``data-dir`` (overrides the run's ``data-dir``).
 The partition's train indices are kept in ``context.state`` so that later messages to
 the node need not partition again.
+
+Nothing in a message can make this app fail on purpose: unknown config keys (an old
+server's ``fault-injection``, say) are ignored. Robustness tests inject faults with a
+test-only mod around these functions (``tests/faults.py``).
 """
 
 from __future__ import annotations
@@ -99,7 +103,6 @@ def train(msg: Message, context: Context) -> Message:
     cfg, data, model, server_round = _setup(msg, context, with_train=True)
     state = arrays_view(msg.content["arrays"])
     update = task.compute_update(model, state, data, cfg, server_round)
-    update = task.inject_fault(update, cfg, data.partition_id, server_round)
     # One copy: into Ray's object store in a simulation actor, else into .npy bytes.
     arrays = share_arrays(update.arrays)
     metrics = MetricRecord(update.metrics(data.partition_id, cfg.audit_ground_truth))

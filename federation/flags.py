@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from precode_flower import checkpoint as ckpt_mod
-from precode_flower import data as data_mod
-from precode_flower import task
-from precode_flower.defenses import DEFENSES, DP_CLIPPING, PRESETS, parse_defenses
-from precode_flower.models import MODELS
-from precode_flower.partition import SCHEMES
+from precode_flower import settings, task
 
 from .run import default_out_dir, load_resume_checkpoint
 
@@ -22,79 +19,20 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _defense_list(value: str) -> str:
-    try:
-        parse_defenses(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return value
-
-
-def _positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+#: Files that mark a directory as holding a run (never overwritten without ``--overwrite``).
+RUN_FILES = ("checkpoint.pt", "rounds.jsonl", "model.pt", "summary.json", "config.json")
 
 
 def add_training_args(parser: argparse.ArgumentParser, *, default_clients: int) -> None:
-    """The training flags of simulate.py and server.py (defaults: :class:`task.RunConfig`)."""
-    d = task.RunConfig()
-    lower = str.lower
-    g = parser.add_argument_group("training")
-    g.add_argument(
-        "--clients", type=_positive_int, default=default_clients, help="number of clients"
+    """The training flags of simulate.py and server.py: one per :class:`task.RunConfig`
+    setting, derived from its field declarations (help, type, bounds, choices), so a value
+    that can never work is a one-line usage error (exit 2) -- plus the run directory's."""
+    settings.add_arguments(
+        parser,
+        task.RunConfig,
+        defaults={"clients": default_clients},
+        titles={"training": "training", "reliability": "reliability"},
     )
-    g.add_argument("--rounds", type=_positive_int, default=d.rounds)
-    g.add_argument("--mode", type=lower, choices=task.MODES, default=d.mode)
-    g.add_argument("--dataset", type=lower, choices=data_mod.DATASETS, default=d.dataset)
-    g.add_argument(
-        "--data-dir", default="", help="dataset directory (default: data pack, else embedded)"
-    )
-    g.add_argument("--model", type=lower, choices=MODELS, default=d.model)
-    g.add_argument(
-        "--defense",
-        action="append",
-        type=_defense_list,
-        metavar="NAME[,NAME]",
-        help=f"repeatable or comma list of: {', '.join([*DEFENSES, *PRESETS])} (default none)",
-    )
-    g.add_argument("--batch-size", type=_positive_int, default=d.batch_size)
-    g.add_argument("--local-epochs", type=float, default=d.local_epochs, help="FedAvg local epochs")
-    g.add_argument(
-        "--local-steps",
-        type=int,
-        default=d.local_steps,
-        help="FedAvg local steps (>0 overrides epochs)",
-    )
-    g.add_argument("--lr", type=float, default=d.lr, help="client SGD learning rate (FedAvg)")
-    g.add_argument("--momentum", type=float, default=d.momentum, help="client SGD momentum")
-    g.add_argument(
-        "--server-lr", type=float, default=d.server_lr, help="FedSGD server learning rate"
-    )
-    g.add_argument("--server-momentum", type=float, default=d.server_momentum)
-    g.add_argument(
-        "--server-optimizer", type=lower, choices=task.SERVER_OPTIMIZERS, default=d.server_optimizer
-    )
-    g.add_argument("--partition", type=lower, choices=SCHEMES, default=d.partition)
-    g.add_argument("--alpha", type=float, default=d.alpha, help="Dirichlet concentration")
-    g.add_argument("--classes-per-client", type=_positive_int, default=d.classes_per_client)
-    g.add_argument(
-        "--fraction", type=float, default=d.fraction, help="fraction of clients per round"
-    )
-    g.add_argument("--fraction-evaluate", type=float, default=d.fraction_evaluate)
-    g.add_argument("--clip", type=float, default=d.clip, help="noise defense: L2 clipping bound C")
-    g.add_argument("--sigma", type=float, default=d.sigma, help="noise defense: std = sigma * C")
-    g.add_argument(
-        "--prune-rate", type=float, default=d.prune_rate, help="prune defense: fraction zeroed"
-    )
-    g.add_argument(
-        "--latent-dim", type=_positive_int, default=d.latent_dim, help="PRECODE latent size"
-    )
-    g.add_argument("--beta", type=float, default=d.beta, help="PRECODE KL weight")
     p = parser.add_argument_group(
         "privacy (dp-server / dp-client: Flower's DP wrappers; --secagg: SecAgg+; docs/PRIVACY.md)"
     )
@@ -103,126 +41,79 @@ def add_training_args(parser: argparse.ArgumentParser, *, default_clients: int) 
         action="store_true",
         help="train with Flower's SecAgg+ secure aggregation (same as --defense secagg)",
     )
-    p.add_argument("--dp-noise", type=float, default=d.dp_noise, help="DP noise multiplier z")
-    p.add_argument(
-        "--dp-clip", type=float, default=d.dp_clip, help="DP clipping norm C (adaptive: initial)"
-    )
-    p.add_argument(
-        "--dp-clipping", type=lower, choices=DP_CLIPPING, default=d.dp_clipping, help="DP clipping"
-    )
-    p.add_argument(
-        "--dp-delta", type=float, default=d.dp_delta, help="delta at which epsilon is reported"
-    )
-    p.add_argument(
-        "--dp-quantile", type=float, default=d.dp_quantile, help="adaptive: target quantile"
-    )
-    p.add_argument("--dp-clip-lr", type=float, default=d.dp_clip_lr, help="adaptive: clip norm lr")
-    p.add_argument(
-        "--dp-count-stddev",
-        type=float,
-        default=d.dp_count_stddev,
-        help="adaptive: std of the clipped-count noise (0: Flower's clients / 20)",
-    )
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument(
-        "--audit-ground-truth",
-        action="store_true",
-        help="clients also report the train-split indices they used (evaluation only)",
-    )
-    g.add_argument(
-        "--round-timeout",
-        type=float,
-        default=d.round_timeout,
-        help="seconds to wait for replies, per phase (train, evaluate); later replies are lost",
-    )
-    g.add_argument("--fault-injection", default="", help=argparse.SUPPRESS)
+    g = parser.add_argument_group("run directory")
     g.add_argument("--out", default=None, help="output directory (default: runs/<timestamp>)")
-    r = parser.add_argument_group("reliability")
-    r.add_argument(
-        "--max-update-norm",
-        type=float,
-        default=d.max_update_norm,
-        help="reject updates whose L2 norm (FedSGD: gradient; FedAvg: weights - global) "
-        "exceeds this (default 0: no bound)",
-    )
-    r.add_argument(
-        "--max-reply-mb",
-        type=float,
-        default=d.max_reply_mb,
-        help="reject replies larger than this many MiB (default 0: twice the model + 8 MiB)",
-    )
-    r.add_argument(
-        "--min-replies",
-        type=_positive_int,
-        default=d.min_replies,
-        help="skip a round (model unchanged) with fewer valid replies than this",
-    )
-    r.add_argument(
+    g.add_argument(
         "--resume",
         metavar="DIR",
         default=None,
         help="continue the run in DIR from its last completed round (same flags; --rounds may "
         "grow); results are appended there",
     )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run in an existing --out (without it such a run is never touched)",
+    )
 
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> task.RunConfig:
     """The RunConfig of parsed flags; invalid combinations exit via ``parser.error``."""
     try:
-        return task.RunConfig(
-            mode=args.mode,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            model=args.model,
-            defenses=parse_defenses([*(args.defense or ()), *(["secagg"] if args.secagg else [])]),
-            latent_dim=args.latent_dim,
-            beta=args.beta,
-            clip=args.clip,
-            sigma=args.sigma,
-            prune_rate=args.prune_rate,
-            dp_noise=args.dp_noise,
-            dp_clip=args.dp_clip,
-            dp_clipping=args.dp_clipping,
-            dp_delta=args.dp_delta,
-            dp_quantile=args.dp_quantile,
-            dp_clip_lr=args.dp_clip_lr,
-            dp_count_stddev=args.dp_count_stddev,
-            batch_size=args.batch_size,
-            local_epochs=args.local_epochs,
-            local_steps=args.local_steps,
-            lr=args.lr,
-            momentum=args.momentum,
-            server_optimizer=args.server_optimizer,
-            server_lr=args.server_lr,
-            server_momentum=args.server_momentum,
-            partition=args.partition,
-            alpha=args.alpha,
-            classes_per_client=args.classes_per_client,
-            clients=args.clients,
-            rounds=args.rounds,
-            fraction=args.fraction,
-            fraction_evaluate=args.fraction_evaluate,
-            seed=args.seed,
-            audit_ground_truth=args.audit_ground_truth,
-            round_timeout=args.round_timeout,
-            fault_injection=args.fault_injection,
-            max_update_norm=args.max_update_norm,
-            max_reply_mb=args.max_reply_mb,
-            min_replies=args.min_replies,
-        )
+        secagg = ("secagg",) if getattr(args, "secagg", False) else ()
+        defenses = ",".join([*(args.defenses or ()), *secagg])
+        return settings.from_namespace(task.RunConfig, args, defenses=defenses or ())
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
 
 
-def out_dir_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+def out_dir_problem(out: Path, *, resume: bool, overwrite: bool) -> str | None:
+    """Why ``out`` cannot take this run's results, or None; creates nothing.
+
+    A file, a directory that cannot be created or written, or (without ``resume`` and
+    ``overwrite``) a directory that already holds a run's files.
+    """
+    if out.exists() and not out.is_dir():
+        return f"{out} exists and is not a directory"
+    existing = out
+    while not existing.exists():  # the nearest ancestor that exists must let us create it
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{out}: cannot create it ({existing} is not a directory)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{out}: cannot create or write it ({existing} is not writable)"
+    if not resume and not overwrite and out.is_dir():
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found:
+            return (
+                f"{out} holds a run already ({', '.join(found)}); continue it with --resume "
+                f"{out}, replace it with --overwrite, or choose another --out"
+            )
+    return None
+
+
+def out_dir_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, *, local: bool = True
+) -> Path:
     """``--resume DIR`` (``--out``, if given, must name the same directory), ``--out``, or
-    a fresh ``runs/<timestamp>``."""
+    a fresh ``runs/<timestamp>``; exits with the reason where it cannot hold the run
+    (:func:`out_dir_problem`; not ``local``: only if it exists here)."""
     if args.resume:
         if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
             parser.error("--resume DIR continues in DIR; --out must be DIR or left out")
-        return Path(args.resume)
-    return Path(args.out) if args.out else default_out_dir()
+        if args.overwrite:
+            parser.error("--resume continues a run and --overwrite replaces it: choose one")
+        out = Path(args.resume)
+    else:
+        out = Path(args.out) if args.out else default_out_dir()
+    # Not ``local`` (a SuperLink writes it, maybe on another filesystem): only what is here.
+    problem = None
+    if local or out.exists():
+        problem = out_dir_problem(out, resume=bool(args.resume), overwrite=args.overwrite)
+    if problem:
+        parser.error(f"--{'resume' if args.resume else 'out'} {problem}")
+    return out
 
 
 def check_resumable(parser: argparse.ArgumentParser, cfg: task.RunConfig, out: Path) -> None:

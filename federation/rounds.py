@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum, Strategy
 
 from precode_flower import heap, task
 from precode_flower.defenses import dp_defense
@@ -79,26 +79,57 @@ def make_strategy(cfg: task.RunConfig, param_keys: Sequence[str]) -> Strategy:
             **common,
         )
     dp = dp_defense(cfg.defenses)
-    if dp is None:
-        return FedAvg(**common)
-    return PrivateStrategy(
-        FedAvg(**common, weighted_by_key=DP_WEIGHT_KEY),
-        dp,
-        cfg.dp_params,
-        num_sampled_clients=max(int(cfg.clients * cfg.fraction), 1),  # FedAvg's sample size
-        population=cfg.clients,
-        secagg="secagg" in cfg.defenses,
-    )
+    if dp is not None:  # RunConfig refuses DP with a robust aggregation
+        return PrivateStrategy(
+            FedAvg(**common, weighted_by_key=DP_WEIGHT_KEY),
+            dp,
+            cfg.dp_params,
+            num_sampled_clients=max(int(cfg.clients * cfg.fraction), 1),  # FedAvg's sample size
+            population=cfg.clients,
+            secagg="secagg" in cfg.defenses,
+        )
+    # Robust aggregations are Flower's own strategies (RunConfig refuses them for FedSGD).
+    if cfg.aggregation == "trimmed-mean":
+        return FedTrimmedAvg(beta=0.2, **common)  # Flower's default cut: 20% at each end
+    if cfg.aggregation == "median":
+        return FedMedian(**common)
+    if cfg.aggregation == "krum":
+        return Krum(**common)
+    return FedAvg(**common)
 
 
-def make_validator(cfg: task.RunConfig, strategy: Strategy) -> ReplyValidator:
-    """The reply checks of ``cfg`` (norm bound, byte limit, quorum) for ``strategy``."""
+def make_validator(
+    cfg: task.RunConfig, strategy: Strategy, *, max_examples: int | None = None
+) -> ReplyValidator:
+    """The reply checks of ``cfg`` (norm bound, byte limit, quorum, weight bound) for
+    ``strategy``. ``max_examples``: the most examples a reply may claim (default:
+    :func:`precode_flower.task.max_examples`, which partitions the run's data)."""
+    if max_examples is None:
+        max_examples = task.max_examples(cfg)
     return ReplyValidator.from_limits(
         getattr(strategy, "reply_keys", None),
         getattr(strategy, "weighted_by_key", "num-examples"),
         max_update_norm=cfg.max_update_norm,
         max_reply_mb=cfg.max_reply_mb,
         min_replies=cfg.min_replies,
+        max_examples=max_examples,
+    )
+
+
+#: Ranges of the ClientApp's evaluate metrics (a loss is >= 0, an accuracy a fraction).
+EVALUATE_BOUNDS = {"eval-loss": (0.0, float("inf")), "eval-accuracy": (0.0, 1.0)}
+
+
+def make_evaluate_validator(
+    cfg: task.RunConfig, strategy: Strategy, test_examples: int
+) -> ReplyValidator:
+    """The checks of evaluate replies: their metrics in range, and a weight of at most a
+    client's share of the ``test_examples`` (``cfg.max_examples`` where set)."""
+    share = cfg.max_examples or -(-test_examples // cfg.clients)
+    return ReplyValidator.for_evaluation(
+        getattr(strategy, "weighted_by_key", "num-examples"),
+        max_examples=share,
+        bounds=EVALUATE_BOUNDS,
     )
 
 

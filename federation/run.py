@@ -7,10 +7,12 @@ centrally after every round, and writes to ``out_dir``: ``config.json``, ``round
 state dict) and, after every round, ``checkpoint.pt`` (see :mod:`precode_flower.checkpoint`),
 from which ``resume`` continues.
 
-Reliability: every reply is validated
+Reliability: every train and evaluate reply is validated
 (:class:`~precode_flower.strategies.validation.ReplyValidator`, with the run's
-``max-update-norm``, ``max-reply-mb`` and ``min-replies``); a client that fails, hangs past
-``round-timeout`` (seconds per phase) or disappears costs only its own reply.
+``max-update-norm``, ``max-reply-mb``, ``min-replies`` and ``max-examples``); a client that
+fails, hangs past ``round-timeout`` (seconds per phase) or disappears costs only its own
+reply. Everything written is owner-only (:mod:`precode_flower.private`): the global model
+and the seed can be enough to rebuild a client's training images.
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ from precode_flower import checkpoint as ckpt_mod
 from precode_flower import data as data_mod
 from precode_flower import task
 from precode_flower.plotting import plot_accuracy
+from precode_flower.private import open_private, private_dir, write_private
 from precode_flower.strategies import FedSGD, Observed, Observer
 from precode_flower.strategies.arrays import arrays_view
 from precode_flower.training import EvalStats, evaluate
 
-from .rounds import PartitionOrderedGrid, make_strategy, make_validator, train_rounds
+from .rounds import (
+    PartitionOrderedGrid,
+    make_evaluate_validator,
+    make_strategy,
+    make_validator,
+    train_rounds,
+)
 from .runlog import RoundLog
 
 log = logging.getLogger(__name__)
@@ -83,15 +92,28 @@ def run_federation(
                 raise ckpt_mod.CheckpointError(f"checkpoint in {out}: {err}") from err
         ckpt_mod.set_rng_state(resumed.rng)
         log.info("resuming %s after round %d", out, resumed.round)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_config(), indent=2) + "\n")
-    observed = Observed(strategy, observers, make_validator(cfg, strategy), sort_replies=True)
+    private_dir(out)  # everything a run writes is owner-only: the model reveals client data
+    write_private(out / "config.json", json.dumps(cfg.to_config(), indent=2) + "\n")
+    observed = Observed(
+        strategy,
+        observers,
+        make_validator(cfg, strategy),
+        sort_replies=True,
+        evaluate_validator=make_evaluate_validator(cfg, strategy, len(bundle.test)),
+    )
     done = resumed.round if resumed is not None else 0
     if cfg.fraction < 1 or cfg.fraction_evaluate < 1:  # sampling: make it node-id-free
         grid = PartitionOrderedGrid(  # type: ignore[assignment]
             grid, min(cfg.round_timeout, 120.0), observed.partitions
         )
-    round_log = RoundLog(out, observed, cfg.rounds, progress, resume_after=done)
+    round_log = RoundLog(
+        out,
+        observed,
+        cfg.rounds,
+        progress,
+        resume_after=done,
+        saved_rows=resumed.rows if resumed is not None else (),
+    )
     if resumed is not None:
         round_log.initial = dict(resumed.initial)
         restore_privacy = getattr(strategy, "restore_privacy", None)
@@ -110,6 +132,7 @@ def run_federation(
         # in place, the RNGs advance); the model record itself is replaced, never changed.
         state = copy.deepcopy(strategy.state_dict()) if isinstance(strategy, FedSGD) else {}
         rng, initial = ckpt_mod.rng_state(), dict(round_log.initial)
+        rows = list(round_log.rows)  # rows are written once and never changed
         writer.submit(
             lambda: ckpt_mod.Checkpoint(
                 round=server_round,
@@ -118,6 +141,7 @@ def run_federation(
                 strategy=state,
                 rng=rng,
                 initial=initial,
+                rows=rows,
             )
         )
 
@@ -140,7 +164,8 @@ def run_federation(
         writer.close()  # the last round's checkpoint is on disk before the run returns
         observed.close()
         round_log.close()
-    torch.save(arrays.to_torch_state_dict(), out / "model.pt")
+    with open_private(out / "model.pt", "wb") as f:
+        torch.save(arrays.to_torch_state_dict(), f)
     summary = {
         "rounds": len(round_log.rows),
         "resumed_after": done or None,
@@ -154,7 +179,7 @@ def run_federation(
     privacy_summary = getattr(strategy, "privacy_summary", None)
     if privacy_summary is not None:  # dp-server / dp-client
         summary["privacy"] = privacy_summary()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_private(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     if round_log.non_finite:
         log.warning(
             "%d client update(s) over the run were non-finite (NaN/Inf) and rejected: local "

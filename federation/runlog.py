@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
+from precode_flower.private import open_private, write_private
 from precode_flower.strategies import Observed, Observer
+
+log = logging.getLogger(__name__)
 
 
 class RoundLog:
@@ -29,9 +33,12 @@ class RoundLog:
         progress: bool,
         *,
         resume_after: int = 0,
+        saved_rows: Sequence[dict[str, Any]] = (),
     ) -> None:
         """``resume_after``: keep the rows of rounds 1..k already written, drop later ones
-        (written after the last checkpoint, they are about to be redone)."""
+        (written after the last checkpoint, they are about to be redone). Rows of rounds
+        1..k missing from the file (deleted, cut short) are taken from ``saved_rows`` (the
+        checkpoint's copy), and the rebuild is logged."""
         self.path = out_dir / "rounds.jsonl"
         self.rows: list[dict[str, Any]] = []
         if resume_after and self.path.exists():
@@ -42,9 +49,9 @@ class RoundLog:
                     continue
                 if isinstance(row, dict) and 1 <= row.get("round", 0) <= resume_after:
                     self.rows.append(row)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        os.replace(tmp, self.path)
+        if resume_after:
+            self._rebuild(resume_after, saved_rows)
+        write_private(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.observed = observed
         self.rounds = rounds
         self.initial: dict[str, float] = {}
@@ -58,6 +65,25 @@ class RoundLog:
             disable=None if progress else True,
         )
         self._last = time.perf_counter()
+
+    def _rebuild(self, resume_after: int, saved_rows: Sequence[dict[str, Any]]) -> None:
+        have = {r.get("round") for r in self.rows}
+        saved = {r.get("round"): r for r in saved_rows if 1 <= r.get("round", 0) <= resume_after}
+        rebuilt = sorted(k for k in saved if k not in have)
+        if rebuilt:
+            self.rows = sorted([*self.rows, *(saved[k] for k in rebuilt)], key=lambda r: r["round"])
+            log.warning(
+                "rebuilt rounds.jsonl rows of rounds %s from checkpoint.pt (%s was %s)",
+                _spans(rebuilt),
+                self.path,
+                "missing" if not have else f"lacking {len(rebuilt)} rows",
+            )
+        lost = [k for k in range(1, resume_after + 1) if k not in have and k not in saved]
+        if lost:
+            log.warning(
+                "rounds.jsonl has no rows for rounds %s and the checkpoint no copy of them",
+                _spans(lost),
+            )
 
     def on_evaluation(self, server_round: int, loss: float, accuracy: float) -> None:
         now = time.perf_counter()
@@ -88,13 +114,14 @@ class RoundLog:
             "failures": rec.failures,
             "dropped_nodes": rec.dropped_nodes,
             "evaluate_failures": rec.evaluate_failures,
+            "evaluate_rejections": rec.evaluate_rejections,
         }
         privacy_row = getattr(self.observed.strategy, "privacy_row", None)
         if privacy_row is not None:  # dp-server / dp-client: epsilon so far
             row.update(privacy_row(server_round))
         self._last = now
         self.rows.append(row)
-        with self.path.open("a") as f:
+        with open_private(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         self.bar.update(1)
         tl = f"{row['train_loss']:.4f}" if row["train_loss"] is not None else "n/a"
@@ -128,6 +155,17 @@ def non_finite(rejections: list[dict[str, Any]]) -> int:
     """How many of a round's rejections were for NaN/Inf values (``finite_values``' reasons)."""
     marks = ("contains NaN", "contains Inf", "is not finite")
     return sum(any(m in str(r.get("reason", "")) for m in marks) for r in rejections)
+
+
+def _spans(rounds: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    out: list[str] = []
+    for k in rounds:
+        if out and int(out[-1].split("-")[-1]) == k - 1:
+            out[-1] = f"{out[-1].split('-')[0]}-{k}"
+        else:
+            out.append(str(k))
+    return ", ".join(out)
 
 
 def _round_status(observer: Observer) -> Any:

@@ -58,12 +58,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import math
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +74,7 @@ from typing import Any
 
 import precode_flower
 from precode_flower import heap, task
+from precode_flower.private import private_dir
 from precode_flower.strategies.auditor import (
     add_audit_args,
     audit_from_args,
@@ -172,7 +176,8 @@ def embedded_data_dir(out: Path) -> Path:
     """
     source = Path(precode_flower.__file__).resolve().parent / "embedded" / "cifar10_default.npz"
     target = out.resolve() / "data" / "cifar10" / "cifar10_subset.npz"
-    target.parent.mkdir(parents=True, exist_ok=True)
+    for directory in (out, out / "data", target.parent):  # owner-only, as all of a run
+        private_dir(directory)
     if target.is_symlink() and not target.exists():
         target.unlink()  # a link left by a checkout that has moved or gone: link anew
     if not target.exists():
@@ -263,8 +268,76 @@ def choose_transport(parser: argparse.ArgumentParser, requested: str | None) -> 
     return "flower"
 
 
-def main(argv: Sequence[str] | None = None, *, prog: str = "simulate.py") -> int:
-    """``simulate.py``'s command line; returns the exit status."""
+def _ray_address_problem(address: str, timeout: float = 5.0) -> str | None:
+    """Why nothing can be a Ray cluster at ``host:port``, or None; ``ray.init`` itself would
+    retry a dead address without end."""
+    if address == "auto":
+        return None  # Ray finds a local cluster by its own files, or fails at once
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return f"--ray-address {address}: expected host:port or auto"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        return (
+            f"--ray-address {address}: no Ray cluster answers there "
+            f"({err.strerror or type(err).__name__}); start one or leave --ray-address out"
+        )
+    return None
+
+
+#: Seconds a simulation may take to shut down once its ServerApp is done; longer means a
+#: client never returned (its actor still runs), and simulate.py stops Ray and exits.
+SHUTDOWN_GRACE = 15.0
+
+
+def _rows(out: Path) -> list[str]:
+    path = out / "rounds.jsonl"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def _stop_when_stuck(
+    finished: threading.Event,
+    returned: threading.Event,
+    out: Path,
+    rounds: int,
+    own_tmp: str | None,
+) -> None:
+    """After the ServerApp is done, give the simulation :data:`SHUTDOWN_GRACE` seconds to
+    return; then report the clients still running, stop Ray and end the process (exit 0
+    if every round was done)."""
+    finished.wait()
+    if returned.wait(SHUTDOWN_GRACE):
+        return
+    rows = _rows(out)
+    last = json.loads(rows[-1]) if rows else {}
+    nodes = [
+        f"node {d.get('node_id')} (partition {d.get('partition_id')})"
+        for d in last.get("dropped_nodes", [])
+    ]
+    print(
+        f"simulate.py: client(s) still running after the run ended {SHUTDOWN_GRACE:g} s ago "
+        f"({', '.join(nodes) or 'unknown'}: no reply in the last round); a client that never "
+        f"returns cannot end by itself: stopping Ray and exiting; results in {out}",
+        file=sys.stderr,
+        flush=True,
+    )
+    import ray
+
+    stopper = threading.Thread(target=ray.shutdown, daemon=True)
+    stopper.start()
+    stopper.join(30)
+    if own_tmp:
+        shutil.rmtree(own_tmp, ignore_errors=True)
+    sys.stdout.flush()
+    os._exit(0 if len(rows) == rounds else 1)
+
+
+def main(
+    argv: Sequence[str] | None = None, *, prog: str = "simulate.py", client_app: Any = None
+) -> int:
+    """``simulate.py``'s command line; returns the exit status. ``client_app``: another
+    ClientApp than precode-flower's (the tests' fault-injecting one)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     try:  # --audit turns the evaluation channel on, unless --no-audit-ground-truth
@@ -296,9 +369,17 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "simulate.py") -> int
         pass  # a malformed value in the environment: glibc ignores it there too
     # After the environment above (the check imports Ray), before any worker starts.
     transport = choose_transport(parser, args.transport)
-    out = out_dir_from_args(parser, args)
+    if args.ray_address is not None:
+        problem = _ray_address_problem(args.ray_address)
+        if problem:
+            parser.error(problem)
+    out = out_dir_from_args(parser, args)  # a file, unwritable, or a run not to overwrite
     if _data_source(parser, args) == "embedded":
         cfg = dataclasses.replace(cfg, data_dir=str(embedded_data_dir(out)))
+    try:  # a bad data dir or an impossible partitioning: one line, before Ray starts
+        task.partition_sizes(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error("; ".join(line.strip() for line in str(err).splitlines() if line.strip()))
     if args.resume:  # a missing, corrupted or foreign checkpoint: exit 2 before Ray starts
         check_resumable(parser, cfg, out)
 
@@ -311,7 +392,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "simulate.py") -> int
     # Imported after the flags are checked: Flower, Ray and torch take seconds to import.
     from flwr.simulation import run_simulation
 
-    from precode_flower.clients.client_app import app as client_app
+    from precode_flower.clients.client_app import app as production_client_app
     from precode_flower.strategies import ray_transport
 
     from .app import make_server_app
@@ -339,6 +420,13 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "simulate.py") -> int
     if store_mb is None:  # (an existing cluster brings its own store: not used there)
         store_mb = object_store_mb(cfg) if args.ray_address is None else DEFAULT_OBJECT_STORE_MB
     started = time.perf_counter()
+    finished, returned = threading.Event(), threading.Event()
+    threading.Thread(
+        target=_stop_when_stuck,
+        args=(finished, returned, out, cfg.rounds, own_tmp),
+        name="shutdown-watchdog",
+        daemon=True,
+    ).start()
     try:
         run_simulation(
             server_app=make_server_app(
@@ -348,8 +436,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "simulate.py") -> int
                 progress=not args.no_progress,
                 resume=bool(args.resume),
                 grid_wrapper=grid_wrapper,
+                on_finish=finished.set,
             ),
-            client_app=client_app,
+            client_app=client_app or production_client_app,
             num_supernodes=cfg.clients,
             backend_name="ray",
             backend_config=backend_config(
@@ -362,6 +451,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "simulate.py") -> int
             verbose_logging=args.verbose,
         )
     finally:
+        returned.set()
+        finished.set()  # (an error before the ServerApp finished: the watchdog just ends)
         if own_tmp:
             shutil.rmtree(own_tmp, ignore_errors=True)
     rounds = out / "rounds.jsonl"

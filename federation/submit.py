@@ -199,13 +199,14 @@ def cli(argv: Sequence[str] | None = None, *, prog: str = "server.py") -> int:
         parser.error(f"--app: no pyproject.toml in {app_dir}")
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    out = out_dir_from_args(parser, args)
+    out = out_dir_from_args(parser, args, local=False)
     if args.resume and Path(out).exists():  # the SuperLink may see another filesystem
         check_resumable(parser, cfg, out)
     run_config: dict[str, bool | int | float | str] = dict(cfg.to_config())
     # The ServerApp runs in the SuperLink's process tree: give it an absolute path.
     run_config["out-dir"] = str(out.resolve())
     run_config["resume"] = bool(args.resume)
+    run_config["overwrite"] = bool(args.overwrite)
     run_config.update(audit_run_config(args))
     code, run_id, status = submit(
         run_config,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import pickle
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from . import data, metrics, models, plotting, training
 from .attacks import ATTACKS, reconstruct
 from .defenses import DEFENSES, DefenseParams, apply_model_defenses
+from .private import private_dir
 
 #: Defenses that change the model (the others act on updates, which this tool does not send).
 MODEL_DEFENSES = ("none", *(n for n, d in DEFENSES.items() if d.model is not None))
@@ -50,8 +52,15 @@ def _split_attacks(values: Sequence[str] | None) -> list[str]:
     return names
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Errors are one line (``prog: error: ...``), exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m precode_flower.attack",
         description="Run gradient inversion attacks on client updates and score them.",
     )
@@ -106,7 +115,47 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--images must be >= 1")
     if args.iterations is not None and args.iterations < 1:
         parser.error("--iterations must be >= 1")
+    if args.latent_dim < 1:
+        parser.error(f"--latent-dim must be >= 1, got {args.latent_dim}")
+    if not 0 <= args.seed <= 2**63 - 1:
+        parser.error(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
+    if args.train_steps < 0:
+        parser.error(f"--train-steps must be >= 0, got {args.train_steps}")
+    # Checked before any attack runs: a bad --device or --out would lose their results.
+    problem = _device_problem(args.device) or _out_problem(args.out)
+    if problem:
+        parser.error(problem)
     return args
+
+
+def _device_problem(device: str | None) -> str | None:
+    """Why ``--device`` cannot be used here, or None."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device (cpu, cuda, cuda:N)"
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            return f"--device {device}: this machine has {count} CUDA device(s)"
+    elif dev.type != "cpu":
+        return f"--device {device}: only cpu and cuda devices are supported"
+    return None
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot hold the results, or None (it is then an owner-only directory)."""
+    if out.exists() and not out.is_dir():
+        return f"--out {out} exists and is not a directory"
+    try:
+        private_dir(out)
+    except OSError as err:
+        return f"--out {out}: cannot create it ({err.strerror or err})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out}: not writable"
+    return None
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -136,7 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the audit; returns the exit status (0 ok, 1 some attack failed, 2 usage)."""
     args = _parse(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    bundle = data.load(args.dataset, args.data_dir)
+    try:
+        bundle = data.load(args.dataset, args.data_dir)
+    except (FileNotFoundError, ValueError) as err:  # one line, not a traceback
+        build_parser().error("; ".join(line.strip() for line in str(err).splitlines()))
     x_test, y_test = training.as_tensors(bundle.test)
     if args.index is not None:
         bad = [i for i in args.index if not 0 <= i < len(y_test)]

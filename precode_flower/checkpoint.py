@@ -2,9 +2,14 @@
 
 A checkpoint (``<run dir>/checkpoint.pt``) holds the round number, the run config, the
 global model, the strategy's state (FedSGD's server optimiser), the RNG states of the server
-process and its initial evaluation. :func:`save_checkpoint` writes it to a temporary file in
-the same directory, fsyncs it and renames it over the old one, so a crash at any moment
-leaves either the previous or the new checkpoint, never a mixture.
+process, its initial evaluation, the round log's rows so far (a lost ``rounds.jsonl`` is
+rebuilt from them) and where the run directory was (a run whose data lives in its own
+directory, ``<run dir>/data``, can then be resumed after the directory was moved).
+:func:`save_checkpoint` writes it to a temporary file in the same directory, fsyncs it and
+renames it over the old one, so a crash at any moment
+leaves either the previous or the new checkpoint, never a mixture. The file is owner-only
+(0o600) and so is the run directory (0o700): the global model can reveal client data
+(:mod:`precode_flower.private`).
 
 :func:`load_checkpoint` reads it with ``torch.load(weights_only=True)`` (tensors and plain
 containers only: no arbitrary pickle) and validates everything before returning: format and
@@ -19,6 +24,7 @@ Nothing here imports Flower.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import random
@@ -33,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+
+from .private import open_private, private_dir
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -53,8 +61,9 @@ _FORMAT = "precode-flower-checkpoint"
 _VERSION = 1
 
 #: Run-config keys that may differ when resuming: they do not change what a round computes
-#: (more rounds, other timeouts and reply limits, test-only faults, where the data lives is
-#: *not* among them: another directory may hold other data).
+#: (more rounds, other timeouts and reply limits, the test-only faults of older versions;
+#: where the data lives is *not* among them: another directory may hold other data, but a
+#: run's own ``<run dir>/data`` may move with it, see :func:`load_checkpoint`).
 RESUMABLE_KEYS = frozenset(
     {
         "rounds",
@@ -63,6 +72,7 @@ RESUMABLE_KEYS = frozenset(
         "max-update-norm",
         "max-reply-mb",
         "min-replies",
+        "max-examples",
         "out-dir",
         "resume",
     }
@@ -83,6 +93,10 @@ class Checkpoint:
     strategy: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)
     initial: dict[str, float] = field(default_factory=dict)
+    #: The round log's rows of rounds 1..round (``rounds.jsonl`` can be rebuilt from them).
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    #: Where the run directory was when this was saved (set by :func:`save_checkpoint`).
+    run_dir: str = ""
 
 
 def model_digest(model: Mapping[str, Tensor]) -> str:
@@ -128,8 +142,7 @@ def _own_tensor(t: Tensor) -> Tensor:
 
 def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` to ``run_dir/checkpoint.pt`` atomically; return the path."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = private_dir(run_dir)  # the model can reveal client data: owner-only
     path = run_dir / CHECKPOINT_NAME
     model = OrderedDict((k, _own_tensor(v)) for k, v in ckpt.model.items())
     payload = {
@@ -142,10 +155,12 @@ def save_checkpoint(run_dir: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         "strategy": ckpt.strategy,
         "rng": ckpt.rng,
         "initial": dict(ckpt.initial),
+        "rows": json.dumps(ckpt.rows),  # one string: weights_only loads it whatever the rows
+        "run_dir": str(run_dir.resolve()),
     }
     tmp = run_dir / f".{CHECKPOINT_NAME}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as f:
+        with open_private(tmp, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -295,8 +310,24 @@ def load_checkpoint(
         raise CheckpointError(f"{where} is corrupted: the model does not match its digest")
     if raw["round"] < 1:
         raise CheckpointError(f"{where} is malformed: round {raw['round']}")
+    rows = raw.get("rows", "[]")  # absent from checkpoints of older versions
+    try:
+        rows = json.loads(rows) if isinstance(rows, str) else None
+    except ValueError:
+        rows = None
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise CheckpointError(f"{where} is malformed: 'rows' is not a JSON list of objects")
+    saved_dir = raw.get("run_dir", "")
+    saved_dir = saved_dir if isinstance(saved_dir, str) else ""
     if config is not None:
-        diff = config_differences(raw["config"], config)
+        saved = dict(raw["config"])
+        # A run's own copy of its data (simulate.py's embedded default, <run dir>/data)
+        # moves with the run directory: the same data at the directory's new place.
+        here = str(path.parent.resolve() / "data")
+        if saved_dir and saved.get("data-dir") == str(Path(saved_dir) / "data"):
+            if config.get("data-dir") == here:
+                saved["data-dir"] = here
+        diff = config_differences(saved, config)
         if diff:
             raise CheckpointError(
                 f"{where} belongs to another run; these settings differ (saved -> now): "
@@ -325,6 +356,8 @@ def load_checkpoint(
         strategy=raw["strategy"],
         rng=raw["rng"],
         initial={str(k): float(v) for k, v in raw["initial"].items()},
+        rows=rows,
+        run_dir=saved_dir,
     )
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
@@ -43,7 +42,11 @@ import torch
 from torch import Tensor, nn
 
 from . import data as data_mod
+from . import settings
 from .defenses import (
+    DEFENSES,
+    DP_CLIPPING,
+    PRESETS,
     DefenseParams,
     DpParams,
     apply_model_defenses,
@@ -54,10 +57,12 @@ from .defenses import (
 )
 from .models import MODELS, build
 from .partition import SCHEMES, partition
+from .settings import setting
 from .training import EvalStats, LocalSGD, evaluate, loss_fn
 
 __all__ = [
-    "FAULTS",
+    "AGGREGATIONS",
+    "MAX_SEED",
     "MODES",
     "SERVER_OPTIMIZERS",
     "ClientData",
@@ -69,130 +74,154 @@ __all__ = [
     "derive_seeds",
     "evaluate_client",
     "get_model",
-    "inject_fault",
     "initial_state",
     "load_state",
     "model_bytes",
+    "max_examples",
     "partition_key",
+    "partition_sizes",
     "train_indices",
 ]
 
 MODES: tuple[str, ...] = ("fedavg", "fedsgd")
 SERVER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
-#: Fault kinds for ``fault-injection`` (robustness tests): ``kind:partition-id[:round]``.
-FAULTS: tuple[str, ...] = ("raise", "nan", "inf", "shape", "missing", "scale", "dtype", "hang")
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> str:
-    v = str(value).strip().lower()
-    if v not in choices:
-        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
-    return v
+#: FedAvg aggregations: the weighted mean, or one of Flower's robust strategies
+#: (FedTrimmedAvg, FedMedian, Krum), the answer to Byzantine clients within every bound.
+AGGREGATIONS: tuple[str, ...] = ("mean", "trimmed-mean", "median", "krum")
+#: Largest seed: Flower's config records hold 64-bit signed integers.
+MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """All training settings of a run (the ConfigRecord sent each round).
 
-    Field ``some_name`` is key ``some-name`` in configs. ``defenses`` is a tuple of
-    canonical names (a comma string in configs, ``"none"`` when empty).
+    Field ``some_name`` is key ``some-name`` in configs and flag ``--some-name``. Each field
+    is declared once with :func:`precode_flower.settings.setting` (help, bounds, choices):
+    the CLI flags, their checks and ``[tool.flwr.app.config]`` in pyproject.toml are derived
+    from it. ``defenses`` is a tuple of canonical names (a comma string in configs,
+    ``"none"`` when empty). Every value is checked on construction (ValueError naming the
+    key, in one line), so a setting that can never work is refused before a run starts.
     """
 
-    mode: str = "fedavg"
-    dataset: str = "cifar10"
-    data_dir: str = ""  # "" = the default lookup of precode_flower.data.load
-    model: str = "mlp"
-    defenses: tuple[str, ...] = ()
-    latent_dim: int = 256
-    beta: float = 1e-3
-    clip: float = 1.0
-    sigma: float = 0.01
-    prune_rate: float = 0.9
+    mode: str = setting(
+        "fedavg", "federated algorithm (FedSGD: clients send one gradient each)",
+        choices=MODES,
+    )  # fmt: skip
+    dataset: str = setting("cifar10", "dataset name", choices=data_mod.DATASETS)
+    data_dir: str = setting(
+        "", 'dataset directory ("" = the data pack, else the embedded CIFAR-10)'
+    )
+    model: str = setting("mlp", "network", choices=MODELS)
+    defenses: tuple[str, ...] = setting(
+        (),
+        f"comma list of: {', '.join([*DEFENSES, *PRESETS])}",
+        parse=parse_defenses,
+        flag="--defense",
+    )
+    latent_dim: int = setting(256, "PRECODE latent size K", low=1)
+    beta: float = setting(1e-3, "PRECODE KL weight", low=0)
+    clip: float = setting(1.0, "noise defense: L2 clipping bound C", low=0, low_open=True)
+    sigma: float = setting(0.01, "noise defense: std = sigma * C", low=0)
+    prune_rate: float = setting(
+        0.9, "prune defense: fraction zeroed", low=0, high=1, high_open=True
+    )
     # dp-server / dp-client (precode_flower.defenses.DpParams; Flower's DP wrappers).
-    dp_noise: float = 1.0
-    dp_clip: float = 1.0
-    dp_clipping: str = "fixed"
-    dp_delta: float = 1e-5
-    dp_quantile: float = 0.5
-    dp_clip_lr: float = 0.2
-    dp_count_stddev: float = 0.0
-    batch_size: int = 32
-    local_epochs: float = 1.0
-    local_steps: int = 0  # > 0 overrides local_epochs (FedAvg)
+    dp_noise: float = setting(1.0, "DP noise multiplier z (0: clipping only)", low=0)
+    dp_clip: float = setting(1.0, "DP clipping norm C (adaptive: initial)", low=0, low_open=True)
+    dp_clipping: str = setting("fixed", "DP clipping of each client update", choices=DP_CLIPPING)
+    dp_delta: float = setting(
+        1e-5, "delta at which epsilon is reported", low=0, low_open=True, high=1, high_open=True
+    )
+    dp_quantile: float = setting(0.5, "adaptive clipping: target quantile", low=0, high=1)
+    dp_clip_lr: float = setting(0.2, "adaptive clipping: bound learning rate", low=0, low_open=True)
+    dp_count_stddev: float = setting(
+        0.0, "adaptive clipping: noise std on the clipped count", low=0, zero="sampled clients / 20"
+    )
+    batch_size: int = setting(32, "examples per batch", low=1)
+    local_epochs: float = setting(1.0, "FedAvg local epochs", low=0)
+    local_steps: int = setting(0, "FedAvg local steps; > 0 overrides local-epochs", low=0)
     # Plain SGD on the MLP diverges at batch 1-2 with lr 0.05 (NaN within 30-300 steps on
     # CIFAR-10, with or without PRECODE) and in FedSGD with server-lr 0.1 at batch 1-3
     # (tests/test_default_training.py); these train every defense at batch 1-64.
-    lr: float = 0.01
-    momentum: float = 0.0
-    server_optimizer: str = "sgd"
-    server_lr: float = 0.02
-    server_momentum: float = 0.0
-    partition: str = "iid"
-    alpha: float = 0.5
-    classes_per_client: int = 2
-    clients: int = 2  # nodes the server waits for before sampling
-    rounds: int = 3
-    fraction: float = 1.0
-    fraction_evaluate: float = 1.0
-    seed: int = 0
-    audit_ground_truth: bool = False
-    round_timeout: float = 600.0
-    fault_injection: str = ""
+    lr: float = setting(0.01, "client SGD learning rate (FedAvg)", low=0, low_open=True)
+    momentum: float = setting(0.0, "client SGD momentum", low=0, high=1, high_open=True)
+    server_optimizer: str = setting("sgd", "FedSGD server optimiser", choices=SERVER_OPTIMIZERS)
+    server_lr: float = setting(0.02, "FedSGD server learning rate", low=0, low_open=True)
+    server_momentum: float = setting(0.0, "FedSGD server momentum", low=0, high=1, high_open=True)
+    partition: str = setting("iid", "how the training split is divided", choices=SCHEMES)
+    alpha: float = setting(
+        0.5, "Dirichlet concentration (partition dirichlet)", low=0, low_open=True
+    )
+    classes_per_client: int = setting(2, "classes per client (partition pathological)", low=1)
+    clients: int = setting(2, "clients (nodes to wait for before the first round)", low=1)
+    rounds: int = setting(3, "federated rounds", low=1)
+    fraction: float = setting(
+        1.0, "fraction of clients sampled for training per round", low=0, low_open=True, high=1
+    )
+    fraction_evaluate: float = setting(
+        1.0, "fraction of clients sampled for evaluation per round", low=0, low_open=True, high=1
+    )
+    seed: int = setting(0, "run seed (model, data, sampling, client batches)", low=0, high=MAX_SEED)
+    audit_ground_truth: bool = setting(
+        False, "clients report the train indices they used (evaluation only)"
+    )
+    round_timeout: float = setting(
+        600.0, "seconds to wait for replies per phase (train, evaluate)", low=0, low_open=True
+    )
     # Server-side reply policy (strategies.validation.ReplyValidator.from_limits).
-    max_update_norm: float = 0.0  # reject updates with a larger L2 norm; 0 = no bound
-    max_reply_mb: float = 0.0  # reject larger replies; 0 = auto (2x the model + 8 MiB)
-    min_replies: int = 1  # fewer valid replies: the round is skipped, the model unchanged
+    max_update_norm: float = setting(
+        0.0, "reject updates with a larger L2 norm (FedAvg: of weights - global)", low=0,
+        low_open=True, zero="no bound", group="reliability",
+    )  # fmt: skip
+    max_reply_mb: float = setting(
+        0.0, "reject larger replies, in MiB", low=0, low_open=True,
+        zero="auto: 2x the model + 8 MiB", group="reliability",
+    )  # fmt: skip
+    min_replies: int = setting(
+        1, "fewer valid replies: round skipped, model unchanged", low=1, group="reliability"
+    )
+    max_examples: int = setting(
+        0, "reject replies claiming more examples (their FedAvg weight)", low=1,
+        zero="auto: FedSGD the batch size, FedAvg the largest partition", group="reliability",
+    )  # fmt: skip
+    aggregation: str = setting(
+        "mean", "FedAvg aggregation (robust ones: Flower's strategies)",
+        choices=AGGREGATIONS, group="reliability",
+    )  # fmt: skip
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        set_ = functools.partial(object.__setattr__, self)
-        set_("mode", _choice("mode", self.mode, MODES))
-        set_("model", _choice("model", self.model, MODELS))
-        set_("partition", _choice("partition", self.partition, SCHEMES))
-        set_(
-            "server_optimizer",
-            _choice("server-optimizer", self.server_optimizer, SERVER_OPTIMIZERS),
-        )
-        dataset = str(self.dataset).strip().lower()
-        if dataset not in data_mod.DATASETS:
-            raise ValueError(
-                f"unknown dataset {self.dataset!r}; choose one of: {', '.join(data_mod.DATASETS)}"
-            )
-        set_("dataset", dataset)
-        set_("defenses", parse_defenses(self.defenses))
-        _ = self.defense_params  # validates latent-dim, beta, clip, sigma, prune-rate
-        set_("dp_clipping", str(self.dp_clipping).strip().lower())
-        _ = self.dp_params  # validates the dp-* keys
+        settings.validate(self)  # each value against its declared bounds and choices
+        _ = self.defense_params  # the defenses' own checks
+        _ = self.dp_params  # the dp-* keys' own checks
         check_federation_defenses(self.defenses, self.mode, self.model)
-        for name in ("batch_size", "rounds", "clients", "classes_per_client", "min_replies"):
-            if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}"
-                )
-        if self.local_steps < 0:
-            raise ValueError(f"local-steps must be >= 0, got {self.local_steps}")
         if self.local_steps == 0 and not self.local_epochs > 0:
-            raise ValueError(f"local-epochs must be > 0, got {self.local_epochs}")
-        for name in ("fraction", "fraction_evaluate"):
-            if not 0.0 < getattr(self, name) <= 1.0:
-                raise ValueError(
-                    f"{name.replace('_', '-')} must be in (0, 1], got {getattr(self, name)}"
-                )
-        for name in ("lr", "server_lr", "alpha", "round_timeout"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("momentum", "server_momentum"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(
-                    f"{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}"
-                )
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        for name in ("max_update_norm", "max_reply_mb"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name.replace('_', '-')} must be >= 0 (0 = off), got {value}")
-        parse_faults(self.fault_injection)
+            raise ValueError(
+                f"local-epochs must be > 0 (or local-steps > 0), got {self.local_epochs}"
+            )
+        _, num_classes = data_mod.shape_and_classes(self.dataset)
+        if self.classes_per_client > num_classes:
+            raise ValueError(
+                f"classes-per-client must be <= {num_classes} (the classes of {self.dataset}), "
+                f"got {self.classes_per_client}"
+            )
+        if self.aggregation != "mean" and any(d.startswith("dp-") for d in self.defenses):
+            raise ValueError(
+                f"aggregation {self.aggregation} cannot be combined with DP: Flower's DP "
+                "wrappers calibrate their noise to the plain mean"
+            )
+        if self.mode == "fedsgd" and self.aggregation != "mean":
+            raise ValueError(
+                f"aggregation {self.aggregation} is for FedAvg weights; FedSGD averages gradients"
+            )
+        sampled = max(1, int(self.fraction * self.clients))  # what Flower's FedAvg samples
+        if self.min_replies > sampled:
+            raise ValueError(
+                f"min-replies {self.min_replies} exceeds the {sampled} clients sampled per "
+                f"round (clients {self.clients}, fraction {self.fraction:g}): every round "
+                "would be skipped"
+            )
 
     @property
     def defense_params(self) -> DefenseParams:
@@ -265,23 +294,6 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
         raise ValueError(
             f"bad value for {key!r}: {value!r} (expected {type(default).__name__})"
         ) from err
-
-
-def parse_faults(spec: str) -> list[tuple[str, int, int | None]]:
-    """``"nan:1,raise:2:3"`` -> [("nan", 1, None), ("raise", 2, 3)] (kind, partition, round)."""
-    out = []
-    for item in filter(None, (s.strip() for s in str(spec).split(","))):
-        parts = item.split(":")
-        if len(parts) not in (2, 3) or parts[0] not in FAULTS:
-            raise ValueError(
-                f"bad fault-injection item {item!r}; expected kind:partition[:round] with kind "
-                f"one of: {', '.join(FAULTS)}"
-            )
-        try:
-            out.append((parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else None))
-        except ValueError as err:
-            raise ValueError(f"bad fault-injection item {item!r}: ids must be ints") from err
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,6 +450,43 @@ def train_indices(
         cfg.seed,
     )
     return parts[partition_id]
+
+
+def partition_sizes(cfg: RunConfig, data_dir: str | None = None) -> list[int]:
+    """Training examples of each of the ``cfg.clients`` partitions, computed as the clients
+    do. Loads the data and partitions it: a bad data dir raises FileNotFoundError, an
+    impossible partitioning ValueError (one line each), and so does an empty partition
+    (a client with no data cannot train)."""
+    directory = data_dir or cfg.data_dir or None
+    parts = _train_splits(
+        cfg.dataset,
+        directory,
+        cfg.partition,
+        cfg.clients,
+        cfg.alpha,
+        cfg.classes_per_client,
+        cfg.seed,
+    )
+    sizes = [len(p) for p in parts]
+    empty = [i for i, n in enumerate(sizes) if n == 0]
+    if empty:
+        raise ValueError(
+            f"partition {empty[0]} of {cfg.clients} has no training examples "
+            f"(partition {cfg.partition}); use fewer clients or another partition"
+        )
+    return sizes
+
+
+def max_examples(cfg: RunConfig, data_dir: str | None = None) -> int:
+    """The largest ``num-examples`` an honest client claims in a train reply: ``cfg``'s
+    ``max-examples`` if set, else FedSGD the batch size, FedAvg the largest partition of
+    the run's data (:func:`partition_sizes`; in a deployment whose nodes hold other data
+    than the server, set ``max-examples``)."""
+    if cfg.max_examples > 0:
+        return cfg.max_examples
+    if cfg.mode == "fedsgd":
+        return cfg.batch_size
+    return max(partition_sizes(cfg, data_dir))
 
 
 def client_data(
@@ -598,42 +647,6 @@ def compute_update(
     return ClientUpdate(
         arrays, n, loss_sum / len(order), correct / len(order), data.train_indices[order]
     )
-
-
-def inject_fault(
-    update: ClientUpdate, cfg: RunConfig, partition_id: int, server_round: int
-) -> ClientUpdate:
-    """Corrupt ``update`` as ``cfg.fault_injection`` asks for this partition and round.
-
-    For robustness tests only: ``raise`` raises RuntimeError, ``nan``/``inf`` poison one
-    entry, ``shape`` drops the last row of the first array, ``missing`` drops an array,
-    ``scale`` multiplies every array by 1e6 (an absurd magnitude), ``dtype`` sends float64,
-    ``hang`` sleeps for the round timeout + 5 s (the server must give up on this client).
-    """
-    for kind, pid, rnd in parse_faults(cfg.fault_injection):
-        if pid != partition_id or (rnd is not None and rnd != server_round):
-            continue
-        arrays = {k: v.copy() for k, v in update.arrays.items()}
-        first = next(iter(arrays))
-        if kind == "raise":
-            raise RuntimeError(f"injected fault: partition {partition_id} raises")
-        if kind == "hang":
-            time.sleep(cfg.round_timeout + 5.0)  # starts after the update: misses the round
-            continue
-        if kind in ("nan", "inf"):
-            arrays[first].reshape(-1)[0] = np.nan if kind == "nan" else np.inf
-        elif kind == "shape":
-            arrays[first] = arrays[first][:-1]
-        elif kind == "missing":
-            del arrays[first]
-        elif kind == "scale":
-            arrays = {
-                k: v * 1e6 if np.issubdtype(v.dtype, np.floating) else v for k, v in arrays.items()
-            }
-        elif kind == "dtype":
-            arrays = {k: v.astype(np.float64) for k, v in arrays.items()}
-        update = dataclasses.replace(update, arrays=arrays)
-    return update
 
 
 def evaluate_client(

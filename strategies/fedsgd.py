@@ -39,7 +39,7 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
 
     Unlike Flower's default, skips identity metrics (``partition-id``) and list-valued
     metrics (``batch-indices``, whose lengths differ between clients), and reports the
-    total of ``weighted_by_key``.
+    total of ``weighted_by_key`` (alone where that total is 0: nothing to average with).
     """
     metric_records = [next(iter(r.metric_records.values())) for r in records]
     if not metric_records:
@@ -55,6 +55,8 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
         and all(isinstance(m.get(k), int | float) for m in metric_records)
     ]
     out = MetricRecord({weighted_by_key: int(total) if total.is_integer() else total})
+    if not total > 0:  # no weight to average with (e.g. clients with no test examples)
+        return out
     for k in keys:
         out[k] = sum(w * float(m[k]) for w, m in zip(weights, metric_records, strict=True)) / total
     return out

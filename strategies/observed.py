@@ -15,6 +15,9 @@ the reliability layer are observers): per round it
 3. records per round how many clients were accepted, rejected, failed (error replies) and
    dropped (no reply before the timeout), naming each by node id and, where known from
    any earlier reply, partition id, in :attr:`Observed.rounds`;
+   evaluate replies are validated the same way (``evaluate_validator``: one MetricRecord,
+   finite metrics, a bounded positive weight, consistent keys), and a bad one is rejected
+   and logged instead of ending the run inside the strategy's ``aggregate_evaluate``;
 4. skips the round (no new global model, reason recorded) when fewer valid replies than
    the validator's ``min_replies`` remain, or when the aggregate is not finite (e.g. float
    overflow of large but finite updates), so the global model never becomes NaN/Inf.
@@ -99,9 +102,11 @@ class RoundRecord:
     dropped_nodes: list[dict[str, Any]] = field(default_factory=list)
     skipped: str | None = None  # why the round produced no new model, if it did not
     train_metrics: dict[str, Any] | None = None
-    evaluate_clients: int = 0
+    evaluate_clients: int = 0  # evaluate replies accepted
     evaluate_failed: int = 0
     evaluate_failures: list[dict[str, Any]] = field(default_factory=list)
+    evaluate_rejected: int = 0
+    evaluate_rejections: list[dict[str, Any]] = field(default_factory=list)
     evaluate_metrics: dict[str, Any] | None = None
 
 
@@ -144,12 +149,16 @@ class Observed(Strategy):
         validator: ReplyValidator | None = None,
         *,
         sort_replies: bool = False,
+        evaluate_validator: ReplyValidator | None = None,
     ) -> None:
         self.strategy = strategy
         self.observers = list(observers)
+        weighted_by_key = getattr(strategy, "weighted_by_key", "num-examples")
         self.validator = validator or ReplyValidator.default(
-            reply_keys=getattr(strategy, "reply_keys", None),
-            weighted_by_key=getattr(strategy, "weighted_by_key", "num-examples"),
+            reply_keys=getattr(strategy, "reply_keys", None), weighted_by_key=weighted_by_key
+        )
+        self.evaluate_validator = evaluate_validator or ReplyValidator.for_evaluation(
+            weighted_by_key
         )
         self.sort_replies = sort_replies
         self.rounds: dict[int, RoundRecord] = {}
@@ -321,29 +330,54 @@ class Observed(Strategy):
         if self.sort_replies:
             replies.sort(key=lambda m: _sort_key(_partition_of(m, "metrics"), _node_of(m, origin)))
         rec = self.record(server_round)
-        self._learn_partitions(replies, "metrics")
-        rec.evaluate_failures = [
-            {**self._who(_node_of(m, origin)), "reason": m.error.reason}
-            for m in replies
-            if m.has_error()
-        ]
+        validator = self.evaluate_validator
+        mkey = validator.metric_record_key
+        self._learn_partitions(replies, mkey)
+        context = RoundContext(server_round, {}, {})
+        rec.evaluate_failures, rec.evaluate_rejections = [], []
+        candidates: list[tuple[Message, ClientReply]] = []
+        for msg in replies:
+            node = _node_of(msg, origin)
+            if msg.has_error():
+                rec.evaluate_failures.append({**self._who(node), "reason": msg.error.reason})
+                continue
+            reason = validator.check_message(msg, context)
+            reply = None
+            if reason is None:
+                reply = self._to_reply(msg, None, mkey)
+                reason = validator.check_reply(context, reply)
+            if reason:
+                self._reject(rec, node, _partition_of(msg, mkey), reason, phase="evaluate")
+                continue
+            candidates.append((msg, reply))  # type: ignore[arg-type]
+        late = validator.check_round(context, [r for _, r in candidates])
+        for i, reason in sorted(late.items()):
+            reply = candidates[i][1]
+            self._reject(rec, reply.node_id, reply.partition_id, reason, phase="evaluate")
+        valid = [m for i, (m, _) in enumerate(candidates) if i not in late]
         rec.evaluate_failed = len(rec.evaluate_failures)
-        rec.evaluate_clients = len(replies) - rec.evaluate_failed
-        metrics = self.strategy.aggregate_evaluate(server_round, replies)
+        rec.evaluate_rejected = len(rec.evaluate_rejections)
+        rec.evaluate_clients = len(valid)
+        metrics = None
+        if valid:
+            try:
+                metrics = self.strategy.aggregate_evaluate(server_round, valid)
+            except Exception:  # client metrics are a report: never end the run for them
+                log.exception("round %d: aggregating the evaluate replies failed", server_round)
         rec.evaluate_metrics = dict(metrics) if metrics is not None else None
         return metrics
 
     # --- helpers --------------------------------------------------------------------------
 
     @staticmethod
-    def _to_reply(msg: Message, akey: str, mkey: str) -> ClientReply:
+    def _to_reply(msg: Message, akey: str | None, mkey: str) -> ClientReply:
         metrics = dict(msg.content[mkey])
         pid = metrics.get("partition-id")
         weight = metrics.get("num-examples", 0)
         return ClientReply(
             node_id=msg.metadata.src_node_id,
             partition_id=int(pid) if isinstance(pid, int) and not isinstance(pid, bool) else None,
-            arrays=arrays_view(msg.content[akey]),
+            arrays=arrays_view(msg.content[akey]) if akey is not None else {},
             metrics=metrics,
             num_examples=int(weight)
             if isinstance(weight, int | float) and math.isfinite(weight)
@@ -377,12 +411,16 @@ class Observed(Strategy):
         rec.skipped = reason
         log.warning("round %d skipped, global model unchanged: %s", rec.server_round, reason)
 
-    def _reject(self, rec: RoundRecord, node: int, pid: int | None, reason: str) -> None:
+    def _reject(
+        self, rec: RoundRecord, node: int, pid: int | None, reason: str, phase: str = "train"
+    ) -> None:
         pid = pid if pid is not None else self.partitions.get(node)
-        rec.rejections.append({"node_id": node, "partition_id": pid, "reason": reason})
+        entry = {"node_id": node, "partition_id": pid, "reason": reason}
+        (rec.rejections if phase == "train" else rec.evaluate_rejections).append(entry)
         log.warning(
-            "round %d: rejected reply of node %d (partition %s): %s",
+            "round %d: rejected %sreply of node %d (partition %s): %s",
             rec.server_round,
+            "" if phase == "train" else f"{phase} ",
             node,
             pid if pid is not None else "?",
             reason,

@@ -8,7 +8,9 @@ dropped from aggregation; see :class:`strategies.observed.Observed`):
    its records hold at most ``max_reply_bytes`` (counted on the serialised arrays before
    anything is decoded, so an oversized reply costs no further memory).
 2. per-reply checks, each ``(RoundContext, ClientReply) -> reason | None``: array names,
-   shapes and dtypes versus what the server sent, finite values, a positive weight.
+   shapes and dtypes versus what the server sent, finite values, a positive weight that
+   is at most what a client can hold (:func:`weight_bound`: a client's ``num-examples``
+   is its FedAvg weight, so an inflated claim would hand it the whole average).
 3. round checks, each ``(RoundContext, [ClientReply]) -> {index: reason}``: checks that
    need all replies (all replies must carry the same metric keys, or Flower's aggregation
    raises).
@@ -16,7 +18,14 @@ dropped from aggregation; see :class:`strategies.observed.Observed`):
 After the stages, :attr:`ReplyValidator.min_replies` is the quorum: with fewer valid
 replies the round is skipped and the global model stays as it was.
 :meth:`ReplyValidator.from_limits` builds the validator of the CLI flags
-(``--max-update-norm``, ``--max-reply-mb``, ``--min-replies``).
+(``--max-update-norm``, ``--max-reply-mb``, ``--min-replies``, ``--max-examples``).
+:meth:`ReplyValidator.for_evaluation` checks evaluate replies the same way (one
+MetricRecord, finite metrics, a bounded positive weight).
+
+Bounds on single replies do not make an average robust to Byzantine clients: a client
+within every bound can still steer the mean. For that, Flower's robust strategies
+(``FedTrimmedAvg``, ``FedMedian``, ``Krum``/``MultiKrum``, ``Bulyan``) can be wrapped in
+:class:`~strategies.observed.Observed` like any other (``--aggregation``).
 
 To add a check (norm bound, byte size, ...), write a function of the stage-2 or stage-3
 signature and pass it in ``checks`` / ``round_checks`` (or add it to
@@ -28,7 +37,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -51,11 +60,13 @@ __all__ = [
     "array_specs",
     "consistent_metric_keys",
     "finite_values",
+    "metric_bounds",
     "max_bytes",
     "min_replies",
     "norm_bound",
     "positive_weight",
     "reply_bytes",
+    "weight_bound",
 ]
 
 #: ``max_reply_bytes`` value meaning "twice the bytes of the model sent, plus 8 MiB".
@@ -114,6 +125,43 @@ def positive_weight(key: str = "num-examples") -> ReplyCheck:
         w = reply.metrics.get(key)
         if isinstance(w, bool) or not isinstance(w, int | float) or not w > 0:
             return f"metric {key!r} must be a positive number, got {w!r}"
+        return None
+
+    return check
+
+
+def weight_bound(limit: int | float, key: str = "num-examples") -> ReplyCheck:
+    """The aggregation weight ``key`` must not exceed ``limit`` (examples a client can hold).
+
+    Run after :func:`positive_weight`. FedAvg weighs each reply by its claim, so a claim of
+    10**12 would give one client all the weight; no honest client claims more than its
+    partition (FedAvg) or its batch (FedSGD).
+    """
+    if not limit > 0:
+        raise ValueError(f"weight limit must be > 0, got {limit!r}")
+
+    def check(context: RoundContext, reply: ClientReply) -> str | None:
+        w = reply.metrics.get(key)
+        if isinstance(w, int | float) and not isinstance(w, bool) and w > limit:
+            return f"metric {key!r} claims {w!r} examples, more than the {limit:g} allowed"
+        return None
+
+    return check
+
+
+def metric_bounds(bounds: Mapping[str, tuple[float, float]]) -> ReplyCheck:
+    """Each metric named in ``bounds`` must be a number in its closed ``(low, high)`` range
+    (e.g. a loss is >= 0, an accuracy in [0, 1]); a metric a reply lacks is not checked
+    here (:func:`consistent_metric_keys` compares the replies' keys)."""
+    items = dict(bounds)
+
+    def check(context: RoundContext, reply: ClientReply) -> str | None:
+        for key, (low, high) in items.items():
+            if key not in reply.metrics:
+                continue
+            v = reply.metrics[key]
+            if isinstance(v, bool) or not isinstance(v, int | float) or not low <= v <= high:
+                return f"metric {key!r} must be a number in [{low:g}, {high:g}], got {v!r}"
         return None
 
     return check
@@ -200,7 +248,8 @@ class ReplyValidator:
     Attributes:
         checks: per-reply checks, run in order (the first reason rejects).
         round_checks: checks over all replies that passed ``checks``.
-        array_record_key / metric_record_key: record names a reply must carry.
+        array_record_key / metric_record_key: record names a reply must carry
+            (``array_record_key=None``: a reply without arrays, as to evaluate messages).
         max_reply_bytes: largest accepted reply (:func:`reply_bytes`); :data:`AUTO`: twice
             the bytes of the arrays sent plus 8 MiB; None: no limit.
         min_replies: quorum; a round with fewer valid replies is skipped (no new model).
@@ -208,7 +257,7 @@ class ReplyValidator:
 
     checks: list[ReplyCheck] = field(default_factory=list)
     round_checks: list[RoundCheck] = field(default_factory=list)
-    array_record_key: str = "arrays"
+    array_record_key: str | None = "arrays"
     metric_record_key: str = "metrics"
     max_reply_bytes: int | str | None = None
     min_replies: int = 1
@@ -250,14 +299,42 @@ class ReplyValidator:
         max_update_norm: float = 0.0,
         max_reply_mb: float = 0.0,
         min_replies: int = 1,
+        max_examples: float = 0.0,
     ) -> ReplyValidator:
-        """:meth:`default` plus the run's limits (0 = off for the norm, auto for the size)."""
+        """:meth:`default` plus the run's limits (0 = off for the norm and the weight bound,
+        auto for the size)."""
         extra = [norm_bound(max_update_norm)] if max_update_norm > 0 else []
+        if max_examples > 0:
+            extra.append(weight_bound(max_examples, weighted_by_key))
         validator = cls.default(reply_keys, weighted_by_key, extra_checks=extra)
         validator.max_reply_bytes = int(max_reply_mb * (1 << 20)) if max_reply_mb > 0 else AUTO
         validator.min_replies = int(min_replies)
         validator.__post_init__()
         return validator
+
+    @classmethod
+    def for_evaluation(
+        cls,
+        weighted_by_key: str = "num-examples",
+        *,
+        max_examples: float = 0.0,
+        bounds: Mapping[str, tuple[float, float]] | None = None,
+    ) -> ReplyValidator:
+        """The checks of evaluate replies: one MetricRecord and nothing else, finite
+        metrics within ``bounds``, a positive weight (at most ``max_examples`` if > 0), the
+        same metric keys as the other replies. No quorum: a round's evaluation may have
+        no valid reply (its metrics are then absent)."""
+        checks = [finite_values, positive_weight(weighted_by_key)]
+        if max_examples > 0:
+            checks.append(weight_bound(max_examples, weighted_by_key))
+        if bounds:
+            checks.append(metric_bounds(bounds))
+        return cls(
+            checks=checks,
+            round_checks=[consistent_metric_keys],
+            array_record_key=None,
+            max_reply_bytes=_AUTO_SLACK,
+        )
 
     def reply_limit(self, context: RoundContext | None) -> int | None:
         """The byte limit for replies to ``context`` (resolves :data:`AUTO`)."""
@@ -280,15 +357,19 @@ class ReplyValidator:
         content = msg.content
         arrays = list(content.array_records)
         metrics = list(content.metric_records)
-        if arrays != [self.array_record_key]:
+        if self.array_record_key is None:
+            if arrays:
+                return f"expected no ArrayRecord, got {arrays}"
+        elif arrays != [self.array_record_key]:
             return f"expected one ArrayRecord {self.array_record_key!r}, got {arrays}"
         if metrics != [self.metric_record_key]:
             return f"expected one MetricRecord {self.metric_record_key!r}, got {metrics}"
         if content.config_records:
             return f"unexpected records {list(content.config_records)}"
-        if not isinstance(content[self.array_record_key], ArrayRecord) or not isinstance(
-            content[self.metric_record_key], MetricRecord
-        ):
+        if (
+            self.array_record_key is not None
+            and not isinstance(content[self.array_record_key], ArrayRecord)
+        ) or not isinstance(content[self.metric_record_key], MetricRecord):
             return "records have the wrong types"
         return None
 

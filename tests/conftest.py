@@ -234,12 +234,17 @@ def pytest_sessionfinish(session, exitstatus) -> None:
 
 
 @pytest.fixture
-def run_simulate() -> Callable[[list[str], float], subprocess.CompletedProcess]:
-    """Runs ``python simulate.py --no-progress ARGS`` from the repository, output captured."""
+def run_simulate() -> Callable[..., subprocess.CompletedProcess]:
+    """Runs ``python simulate.py --no-progress ARGS`` from the repository, output captured;
+    ``faults="kind:partition[:round],..."`` runs it with the test-only fault-injecting
+    ClientApp instead (tests/faults.py, through tests/faulty_simulate.py)."""
 
-    def run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    def run(args: list[str], timeout: float, faults: str | None = None):
+        script = ["simulate.py"]
+        if faults is not None:
+            script = [str(REPO / "tests" / "faulty_simulate.py"), "--faults", faults]
         return subprocess.run(
-            [sys.executable, "simulate.py", "--no-progress", *args],
+            [sys.executable, *script, "--no-progress", *args],
             cwd=REPO,
             env={**os.environ, "PYTHONPATH": str(REPO)},
             capture_output=True,

@@ -173,19 +173,24 @@ def test_run_config_round_trip_and_validation() -> None:
         ({"fraction": 0}, "fraction"),
         ({"batch-size": 2.5}, "batch-size"),
         ({"defenses": "dp"}, "precode"),
-        ({"fault-injection": "explode:1"}, "raise"),
+        ({"beta": "nan"}, "beta must be a finite number"),
+        ({"lr": float("inf")}, "lr must be a finite number"),
+        ({"seed": 2**64}, "seed must be >= 0 and <= 9223372036854775807"),
     ]:
         with pytest.raises(ValueError, match=match):
             task.RunConfig.from_mapping(bad)
 
 
-def test_injected_faults_corrupt_only_the_named_partition() -> None:
-    cfg = task.RunConfig(mode="fedsgd", batch_size=4, fault_injection="nan:1,shape:2:5")
+def test_faults_are_injected_by_a_test_mod_around_the_production_functions() -> None:
+    from faults import faulty_client_app
+
+    faulty = faulty_client_app("nan:1,shape:2:5,raise:0")
+    cfg = task.RunConfig(mode="fedsgd", batch_size=4)
     msg, _ = _message(cfg)
-    assert np.isnan(next(iter(_arrays(train(msg, _context(1))).values()))).any()
-    assert all(np.isfinite(a).all() for a in _arrays(train(msg, _context(2))).values())
+    assert np.isnan(next(iter(_arrays(faulty(msg, _context(1))).values()))).any()
+    assert all(np.isfinite(a).all() for a in _arrays(faulty(msg, _context(2))).values())
     with pytest.raises(RuntimeError, match="injected"):
-        train(_message(task.RunConfig(fault_injection="raise:0"))[0], _context(0))
+        faulty(_message(cfg)[0], _context(0))
 
 
 def test_updates_do_not_leak_global_torch_rng_state() -> None:

@@ -18,10 +18,14 @@ from precode_flower import data, task
 from precode_flower.defenses import DEFENSES
 
 DEFAULTS = task.RunConfig()
-#: (model, defense): every registered defense, on the models it applies to.
+#: Defenses that act in the aggregation (DP wrappers, SecAgg+): they do not change the
+#: clients' training, which is what this file checks (their runs: test_privacy, test_secagg).
+FEDERATION = {name for name, d in DEFENSES.items() if d.federation}
+#: (model, defense): every registered defense of the clients' training, on its models.
 CASES = [
     (model, name)
     for name in DEFENSES
+    if name not in FEDERATION
     for model in ("mlp", "convnet")
     if not (name == "precode-early" and model == "mlp")
 ]
@@ -83,7 +87,8 @@ def test_fedsgd_defaults_stay_finite(clients, model: str, defense: str) -> None:
 
 
 def test_the_grid_covers_every_registered_defense() -> None:
-    assert {d for _, d in CASES} == set(DEFENSES)
+    assert {d for _, d in CASES} == set(DEFENSES) - FEDERATION
+    assert FEDERATION == {"dp-server", "dp-client", "secagg"}
 
 
 def test_non_finite_replies_are_named_per_round_and_counted(tmp_path, capsys) -> None:

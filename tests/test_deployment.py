@@ -34,7 +34,7 @@ def test_pyproject_declares_the_flower_app_and_every_run_config_key() -> None:
     assert {k: config[k] for k in defaults} == defaults
     assert config["out-dir"] == ""
     # Every other key belongs to the auditor, which reads them from the run config.
-    assert {k for k in config if k not in defaults} - {"out-dir", "resume"} <= {
+    assert {k for k in config if k not in defaults} - {"out-dir", "resume", "overwrite"} <= {
         "audit",
         "audit-every",
         "audit-clients",

@@ -217,7 +217,7 @@ def bad_round(module_task_identity, tmp_path_factory) -> BadRound:
     grid = InProcessGrid(client_app, n, faulty={node_of[k]: BAD[k].hook for k in kinds})
     out = tmp_path_factory.mktemp("bad") / "run"
     capture = _Capture()
-    logger = logging.getLogger("strategies")
+    logger = logging.getLogger("precode_flower.strategies")
     logger.addHandler(capture)
     try:
         run_federation(grid, cfg, out, progress=False)
@@ -273,7 +273,7 @@ def test_too_few_valid_replies_skip_the_round_and_keep_the_model(
         3,
         faulty={102: _only_round(1, nan), 103: _only_round(1, nan)},
     )
-    with caplog.at_level(logging.WARNING, logger="strategies"):
+    with caplog.at_level(logging.WARNING, logger="precode_flower.strategies"):
         run_federation(grid, cfg, tmp_path / "run", progress=False)
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()
@@ -314,7 +314,7 @@ def test_a_non_finite_aggregate_never_becomes_the_model(reliability, caplog) -> 
 
     strategy = Observed(Overflowing())  # type: ignore[arg-type]
     strategy.validator.min_replies = 0  # no replies needed: only the aggregate is under test
-    with caplog.at_level(logging.WARNING, logger="strategies"):
+    with caplog.at_level(logging.WARNING, logger="precode_flower.strategies"):
         arrays, _ = strategy.aggregate_train(1, [])
     assert arrays is None
     assert strategy.rounds[1].skipped == "the aggregated model is not finite"
@@ -341,13 +341,13 @@ def test_a_client_that_raises_or_hangs_costs_only_its_reply(
             "--rounds", "2",
             "--local-steps", "1",
             "--round-timeout", str(timeout),
-            "--fault-injection", "raise:1:2,hang:2:2",
             # Flower's pool: a client queued behind the hung one on its actor would wait too
             "--actor-queue-depth", "1",
             "--out", str(out),
             "--ray-temp-dir", str(flower_env / "ray" / "faults"),
         ],
         timeout=300,
+        faults="raise:1:2,hang:2:2",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
@@ -363,14 +363,14 @@ def test_a_client_that_raises_or_hangs_costs_only_its_reply(
     assert all(math.isfinite(r["test_loss"]) for r in rows)
     reliability(
         "client raises",
-        "Ray simulation, `--fault-injection raise:1:2` (ClientApp raises RuntimeError)",
+        "Ray simulation, test mod `raise:1:2` (tests/faults.py: the ClientApp raises)",
         f"error reply counted as failed in round 2 (partition {failure['partition_id']}, "
         f"reason naming `{injected}`); the round aggregated the "
         f"{second['clients']} valid reply; the run completed {len(rows)} rounds",
     )
     reliability(
         "client hangs past the round timeout",
-        f"Ray simulation, `--fault-injection hang:2:2` (sleeps {timeout + 5:g} s), "
+        f"Ray simulation, test mod `hang:2:2` (sleeps {timeout + 5:g} s), "
         f"`--round-timeout {timeout:g}`, `--actor-queue-depth 1`",
         f"no reply: counted as dropped in round 2 (node {dropped['node_id']}, partition "
         f"{dropped['partition_id']}); the round closed after {second['seconds']:.0f} s with "
@@ -450,4 +450,395 @@ def test_auditor_crashes_timeouts_and_oom_never_touch_training(
         "`max_pending=1` while the round submits 2 jobs",
         f"{len(dropped) // 3} job(s) dropped at submission with a logged reason (queue "
         "full), written as `dropped` rows; pending audit memory bounded by max_pending",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile clients and impossible settings (issue 19)
+
+
+def _zero_update(claim: int) -> Callable[[Message], Message]:
+    """An all-zero update claiming ``claim`` examples (its FedAvg weight)."""
+
+    def hook(reply: Message) -> Message:
+        _map_arrays(reply, np.zeros_like)
+        reply.content["metrics"]["num-examples"] = claim
+        return reply
+
+    return hook
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_an_inflated_weight_claim_is_rejected_and_the_model_stays_sane(
+    tmp_path, inprocess_grid, reliability, caplog
+) -> None:
+    cfg = task.RunConfig(mode="fedavg", clients=3, rounds=1, batch_size=16, local_steps=1)
+    # The same round without the third client's reply (the node drops out): the reference.
+    dropped = inprocess_grid(client_app, 3, faulty={103: lambda r: None})
+    run_federation(dropped, cfg, tmp_path / "honest", progress=False)
+    hostile = inprocess_grid(client_app, 3, faulty={103: _zero_update(10**12)})
+    with caplog.at_level(logging.WARNING, logger="precode_flower.strategies"):
+        run_federation(hostile, cfg, tmp_path / "hostile", progress=False)
+    (row,) = [
+        json.loads(x) for x in (tmp_path / "hostile" / "rounds.jsonl").read_text().splitlines()
+    ]
+    (rejection,) = row["rejections"]
+    assert rejection["partition_id"] == 2 and "claims 1000000000000 examples" in rejection["reason"]
+    assert "rejected reply of node 103" in caplog.text
+    honest = torch.load(tmp_path / "honest" / "model.pt", weights_only=True)
+    model = torch.load(tmp_path / "hostile" / "model.pt", weights_only=True)
+    assert all(torch.equal(honest[k], model[k]) for k in honest)  # the zeros had no weight
+    limit = task.max_examples(cfg)
+    reliability(
+        "inflated aggregation weight",
+        "in-process FedAvg, 3 clients; client 2 sends an all-zero update with "
+        "`num-examples` = 10**12",
+        f"rejected ({rejection['reason']}; the default bound is the largest partition, "
+        f"{limit}); logged; the global model is bit-for-bit the one aggregated from the 2 "
+        "honest replies",
+    )
+
+
+class _EvaluateFaults:
+    """Wraps an in-process grid; ``hooks`` rewrite chosen nodes' evaluate replies."""
+
+    def __init__(self, grid, hooks) -> None:
+        self.grid, self.hooks = grid, hooks
+
+    def __getattr__(self, name):
+        return getattr(self.grid, name)
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        ids = self.grid.push_messages(messages)
+        for msg, mid in zip(messages, ids, strict=True):
+            hook = self.hooks.get(msg.metadata.dst_node_id)
+            if hook and msg.metadata.message_type == "evaluate" and mid in self.grid.replies:
+                self.grid.replies[mid] = hook(self.grid.replies[mid])
+        return ids
+
+
+def _set_metric(key: str, value: object) -> Callable[[Message], Message]:
+    def hook(reply: Message) -> Message:
+        metrics = reply.content["metrics"]
+        if value is None:
+            del metrics[key]
+        else:
+            metrics[key] = value
+        return reply
+
+    return hook
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_bad_evaluate_replies_are_rejected_and_the_run_goes_on(
+    tmp_path, inprocess_grid, reliability, caplog
+) -> None:
+    cfg = task.RunConfig(mode="fedsgd", clients=5, rounds=2, batch_size=8)
+    hooks = {
+        102: _set_metric("num-examples", None),  # crashed Flower's aggregate_evaluate
+        103: _set_metric("eval-loss", float("nan")),
+        104: _set_metric("eval-accuracy", -3.0),
+        105: _set_metric("num-examples", 0),
+    }
+    grid = _EvaluateFaults(inprocess_grid(client_app, 5), hooks)
+    with caplog.at_level(logging.WARNING, logger="precode_flower.strategies"):
+        run_federation(grid, cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for row in rows:
+        reasons = {r["partition_id"]: r["reason"] for r in row["evaluate_rejections"]}
+        assert set(reasons) == {1, 2, 3, 4}
+        assert "'num-examples' must be a positive number, got None" in reasons[1]
+        assert "'eval-loss' is not finite" in reasons[2]
+        assert "'eval-accuracy' must be a number in [0, 1]" in reasons[3]
+        assert "got 0" in reasons[4]
+        assert math.isfinite(row["client_eval_loss"])  # from the one valid reply
+    assert "rejected evaluate reply of node 102" in caplog.text
+    reliability(
+        "bad evaluate replies",
+        "in-process FedSGD, 5 clients; evaluate replies without `num-examples`, with a NaN "
+        "loss, an accuracy of -3, and `num-examples` 0",
+        f"each rejected and logged ({'; '.join(sorted(set(reasons.values())))}); both rounds "
+        f"completed; client evaluation aggregated from the 1 valid reply",
+    )
+
+
+def test_a_zero_total_weight_does_not_divide_by_zero(reliability) -> None:
+    from flwr.app import MetricRecord, RecordDict
+
+    from precode_flower.strategies import aggregate_metrics
+
+    replies = [
+        RecordDict({"metrics": MetricRecord({"num-examples": 0, "eval-loss": 1.0})})
+        for _ in range(3)
+    ]
+    out = aggregate_metrics(replies, "num-examples")
+    assert dict(out) == {"num-examples": 0}
+    reliability(
+        "zero total evaluate weight",
+        "`aggregate_metrics` of 3 replies with `num-examples` 0 (more clients than test examples)",
+        f"no ZeroDivisionError: the aggregate is {dict(out)} (no means without weight)",
+    )
+
+
+def test_the_production_client_ignores_a_fault_injection_key(reliability) -> None:
+    from conftest import make_message
+    from flwr.app import Context, RecordDict
+
+    cfg = task.RunConfig(mode="fedsgd", batch_size=4, round_timeout=1.0)
+    state = task.initial_state(cfg, 10, (3, 32, 32))
+    context = Context(
+        run_id=7,
+        node_id=101,
+        node_config={"partition-id": 1, "num-partitions": 2},
+        state=RecordDict(),
+        run_config={},
+    )
+
+    def reply_to(config: dict) -> tuple[Message, float]:
+        content = RecordDict({"arrays": ArrayRecord(state), "config": ConfigRecord(config)})
+        started = time.perf_counter()
+        reply = client_app(make_message(content, "train"), context)
+        return reply, time.perf_counter() - started
+
+    plain, _ = reply_to({**cfg.to_config(), "server-round": 1})
+    hostile = "raise:1,hang:1,nan:1,scale:1"
+    reply, seconds = reply_to({**cfg.to_config(), "server-round": 1, "fault-injection": hostile})
+    assert not reply.has_error() and seconds < cfg.round_timeout + 5
+    got, want = reply.content["arrays"], plain.content["arrays"]
+    assert all(np.array_equal(got[k].numpy(), want[k].numpy()) for k in want)
+    reliability(
+        "fault-injection key sent to a production client",
+        f'a train message whose config carries `fault-injection = "{hostile}"`',
+        f"ignored: the reply ({seconds:.2f} s, no error) is bit-for-bit the reply without the "
+        "key; fault injection exists only as a test mod (tests/faults.py)",
+    )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--out", "{file}"], "exists and is not a directory"),
+        (["--out", "{file}/sub"], "cannot create it"),
+        (["--device", "cuda:3"], "CUDA device(s)"),
+        (["--device", "tpu"], "--device"),
+        (["--latent-dim", "-1"], "--latent-dim must be >= 1"),
+        (["--train-steps", "-5"], "--train-steps must be >= 0"),
+        (["--seed", str(2**70)], "--seed must be in"),
+    ],
+)
+def test_the_attack_cli_refuses_impossible_values_before_attacking(
+    args, message, tmp_path, capsys, reliability
+) -> None:
+    from precode_flower import attack
+
+    file = tmp_path / "a-file"
+    file.write_text("not a directory")
+    argv = [a.replace("{file}", str(file)) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        attack.main(["--attack", "analytic", "--images", "1", *argv])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0]
+    assert captured.out == ""  # no attack ran
+    reliability(
+        "impossible attack CLI value",
+        f"`python -m precode_flower.attack {' '.join(args)}`",
+        f"exit 2 before any attack, one error line: `{lines[-1].replace(str(tmp_path), '...')}`",
+    )
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_every_output_of_a_run_is_owner_only(tmp_path, inprocess_grid, reliability) -> None:
+    cfg = task.RunConfig(mode="fedsgd", clients=2, rounds=1, batch_size=4)
+    out = tmp_path / "run"
+    old = os.umask(0o022)  # the usual umask: files 0644, directories 0755 unless chosen
+    try:
+        run_federation(inprocess_grid(client_app, 2), cfg, out, progress=False)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    expected = {"checkpoint.pt", "model.pt", "config.json", "rounds.jsonl", "summary.json"}
+    assert expected <= set(modes), modes
+    assert out.stat().st_mode & 0o777 == 0o700
+    assert {n: m for n, m in modes.items() if m != 0o600} == {}
+    reliability(
+        "run outputs readable by others",
+        "a FedSGD run under umask 022 (from its checkpoint after round 1 and the seed, a "
+        "batch-1 client's image can be rebuilt exactly)",
+        f"run directory 0700; {', '.join(sorted(modes))}: all 0600",
+    )
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_resume_rebuilds_a_lost_round_log_from_the_checkpoint(
+    tmp_path, inprocess_grid, reliability, caplog
+) -> None:
+    cfg = task.RunConfig(mode="fedsgd", clients=2, rounds=2, batch_size=4)
+    out = tmp_path / "run"
+    run_federation(inprocess_grid(client_app, 2), cfg, out, progress=False)
+    before = (out / "rounds.jsonl").read_text().splitlines()
+    (out / "rounds.jsonl").unlink()
+    more = task.RunConfig(mode="fedsgd", clients=2, rounds=3, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="precode_flower"):
+        run_federation(inprocess_grid(client_app, 2), more, out, progress=False, resume=True)
+    lines = (out / "rounds.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [1, 2, 3]
+    assert lines[:2] == before
+    assert "rebuilt rounds.jsonl rows of rounds 1-2 from checkpoint.pt" in caplog.text
+    reliability(
+        "round log lost before resuming",
+        "rounds.jsonl deleted after round 2, then `--resume` with `--rounds 3`",
+        "rows of rounds 1-2 rebuilt from checkpoint.pt (equal to the lost ones) and logged; "
+        "round 3 appended; rounds.jsonl holds rounds [1, 2, 3]",
+    )
+
+
+@pytest.mark.usefixtures("task_identity")
+def test_a_moved_run_directory_resumes_with_default_flags(
+    tmp_path, inprocess_grid, reliability
+) -> None:
+    import dataclasses
+    import shutil
+
+    import simulate
+
+    cfg = task.RunConfig(mode="fedsgd", clients=2, rounds=1, batch_size=4)
+    first = tmp_path / "first"
+    embedded = dataclasses.replace(cfg, data_dir=str(simulate.embedded_data_dir(first)))
+    run_federation(inprocess_grid(client_app, 2), embedded, first, progress=False)
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    # What `simulate.py --resume MOVED --rounds 2` builds: the run's own data, at its new place.
+    again = dataclasses.replace(cfg, rounds=2, data_dir=str(simulate.embedded_data_dir(moved)))
+    run_federation(inprocess_grid(client_app, 2), again, moved, progress=False, resume=True)
+    rows = [json.loads(x) for x in (moved / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    reliability(
+        "run directory moved, then resumed",
+        "a run using simulate.py's embedded data (`<run dir>/data`) moved to another path, "
+        "then resumed there with default flags",
+        "the checkpoint's data-dir is recognised as the run's own data at its new place; "
+        f"resumed after round 1, rounds.jsonl holds rounds {[r['round'] for r in rows]}",
+    )
+
+
+IMPOSSIBLE = {
+    "NaN beta": (["--defense", "precode", "--beta", "nan"], "beta must be a finite number"),
+    "NaN sigma": (["--defense", "noise", "--sigma", "nan"], "sigma must be a finite number"),
+    "infinite lr": (["--lr", "inf"], "lr must be a finite number"),
+    "infinite alpha": (["--partition", "dirichlet", "--alpha", "inf"], "alpha must be a finite"),
+    "classes per client": (
+        ["--partition", "pathological", "--classes-per-client", "99"],
+        "classes-per-client must be <= 10",
+    ),
+    "quorum above the clients": (
+        ["--min-replies", "5", "--clients", "2"],
+        "min-replies 5 exceeds the 2 clients",
+    ),
+    "huge seed": (["--seed", str(10**30)], "seed must be >= 0 and <= 9223372036854775807"),
+    "negative latent size": (["--latent-dim", "-1"], "latent-dim must be >= 1"),
+    "more clients than examples": (["--clients", "3000"], "num_partitions must be in [1, 2000]"),
+    "missing data dir": (["--data-dir", "{tmp}/nowhere"], "no 'cifar10' data in data_dir"),
+    "--out is a file": (["--out", "{tmp}/a-file"], "exists and is not a directory"),
+    "--out cannot be created": (["--out", "{tmp}/a-file/run"], "cannot create it"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMPOSSIBLE))
+def test_impossible_settings_are_refused_in_one_line_before_ray_starts(
+    case, tmp_path, capsys, reliability, monkeypatch
+) -> None:
+    import simulate
+
+    args, message = IMPOSSIBLE[case]
+    (tmp_path / "a-file").write_text("not a directory")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "run")]
+    started = []
+    monkeypatch.setattr("ray.init", lambda *a, **k: started.append(1))  # must not be reached
+    with pytest.raises(SystemExit) as exit_:
+        simulate.main(["--rounds", "1", *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not started  # Ray never started; and no run was written:
+    assert not any((tmp_path / "run" / name).exists() for name in ("config.json", "rounds.jsonl"))
+    reliability(
+        f"impossible setting: {case}",
+        f"`simulate.py {' '.join(args).replace('{tmp}/', '')}`",
+        f"exit 2 before Ray starts, one line: `{lines[0].replace(str(tmp_path) + '/', '')}`",
+    )
+
+
+def test_an_existing_run_is_never_overwritten(tmp_path, capsys, reliability) -> None:
+    import simulate
+
+    out = tmp_path / "finished"
+    out.mkdir()
+    for name in ("rounds.jsonl", "checkpoint.pt", "model.pt", "summary.json", "config.json"):
+        (out / name).write_text(f"the {name} of a finished run\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        simulate.main(["--out", str(out), "--clients", "2", "--rounds", "1"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1
+    assert "--resume" in lines[0] and "--overwrite" in lines[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    reliability(
+        "results overwritten",
+        "`simulate.py --out DIR` where DIR holds a finished run (no `--resume`)",
+        f"exit 2, nothing touched: `{lines[0].replace(str(tmp_path) + '/', '')}`; "
+        "`--overwrite` replaces it explicitly",
+    )
+
+
+def test_a_dead_ray_address_gives_up_at_once(tmp_path, capsys, free_port, reliability) -> None:
+    import simulate
+
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        simulate.main(["--ray-address", address, "--out", str(tmp_path / "run")])
+    seconds = time.perf_counter() - started
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(lines) == 1 and address in lines[0]
+    assert seconds < 30
+    reliability(
+        "dead Ray address",
+        "`simulate.py --ray-address 127.0.0.1:<a port nothing listens on>`",
+        f"exit 2 after {seconds:.1f} s, one line: `{lines[0].replace(address, '<address>')}`",
+    )
+
+
+@pytest.mark.slow
+def test_a_client_that_never_returns_cannot_keep_the_process_alive(
+    run_simulate, tmp_path, flower_env, reliability
+) -> None:
+    out = tmp_path / "run"
+    timeout = 30.0
+    started = time.perf_counter()
+    proc = run_simulate(
+        [
+            "--clients", "2", "--rounds", "1", "--local-steps", "1",
+            "--round-timeout", str(timeout), "--actor-queue-depth", "1", "--out", str(out),
+            "--ray-temp-dir", str(flower_env / "ray" / "never"),
+        ],
+        timeout=400,
+        faults="never:1:1",
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    (dropped,) = row["dropped_nodes"]
+    assert row["clients"] == 1 and (out / "summary.json").exists()
+    assert "still running after the run ended" in proc.stderr
+    reliability(
+        "client never returns",
+        f"Ray simulation, a test mod makes partition 1 sleep forever in round 1 "
+        f"(`--round-timeout {timeout:g}`)",
+        f"dropped in round 1 (node {dropped['node_id']}); the run ended, reported the client "
+        f"still running, stopped Ray and exited 0 after {seconds:.0f} s in all",
     )

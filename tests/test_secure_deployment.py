@@ -249,7 +249,8 @@ def test_tls_authenticated_nodes_train_unregistered_is_rejected_killed_node_is_s
         "unregistered SuperNode",
         "a SuperNode with a valid key that was never registered",
         "activation refused by the SuperLink (`No SuperNode found with the given public "
-        "key`); the SuperNode stops with Flower exit code 305 and never receives a message",
+        "key`); the SuperNode gives up (Flower's `Exit Code: 305` in its log, the process exits "
+        "non-zero) and never receives a message",
     )
     how = "no reply before the timeout" if second["dropped"] else "error reply"
     reliability(

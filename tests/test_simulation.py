@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import faulty_client_app
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
 import simulate
@@ -37,10 +38,10 @@ ROUND_KEYS = {"round", "clients", "rejected", "failed", "train_loss", "test_accu
         (["--mode", "fedprox"], "fedsgd"),
         (["--partition", "zipf"], "dirichlet"),
         (["--server-optimizer", "lion"], "adam"),
-        (["--clients", "0"], "positive integer"),
-        (["--fraction", "1.5"], "fraction must be in (0, 1]"),
+        (["--clients", "0"], "clients must be >= 1, got 0"),
+        (["--fraction", "1.5"], "fraction must be > 0 and <= 1"),
         (["--prune-rate", "1"], "prune-rate"),
-        (["--rounds", "two"], "positive integer"),
+        (["--rounds", "two"], "expected an integer, got 'two'"),
         (["--client-cpus", "999"], "--client-cpus"),
         (["--object-store-mb", "10"], "--object-store-mb must be at least 75"),
         (["--actor-queue-depth", "0"], "--actor-queue-depth must be at least 1"),
@@ -112,12 +113,12 @@ def test_same_seed_same_numbers_and_faults_are_absorbed(mode, tmp_path, inproces
         rounds=2,
         batch_size=16,
         local_steps=2,
-        fault_injection="nan:1:2,shape:2:1",
         audit_ground_truth=True,
     )
+    faulty = faulty_client_app("nan:1:2,shape:2:1")  # the test-only fault mod
     runs = []
     for i in range(2):
-        grid = inprocess_grid(client_app, 3)
+        grid = inprocess_grid(faulty, 3)
         run_federation(grid, cfg, tmp_path / f"run{i}", progress=False)
         runs.append(_rows(tmp_path / f"run{i}"))
     assert _without_timing(runs[0]) == _without_timing(runs[1])
@@ -323,11 +324,11 @@ def test_ray_simulation_end_to_end(transport, run_simulate, tmp_path, flower_env
             "--rounds", "2",
             "--local-steps", "2",
             "--audit-ground-truth",
-            "--fault-injection", "nan:1:2,raise:2:2",
             "--out", str(out),
             "--ray-temp-dir", str(flower_env / "ray" / f"e2e-{transport}"),
         ],
         timeout=240,
+        faults="nan:1:2,raise:2:2",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = _rows(out)

@@ -30,12 +30,22 @@ regenerate it with
     PRECODE_RELIABILITY_TABLE=docs/RELIABILITY.md python -m pytest \\
         tests/test_reliability.py tests/test_resume.py tests/test_secure_deployment.py
 
-Policy (see `strategies/validation.py`, `strategies/observed.py`, `server.py`): a rejected
-or failed reply costs only that client's contribution to the round; with fewer valid replies
-than `--min-replies` the round is skipped and the global model is left unchanged; every
-rejection is logged with node id, partition id, round and reason and listed in the round's
-`rounds.jsonl` row (`rejected`, `rejections`, `failed`, `failures`, `dropped`,
-`dropped_nodes`, `skipped`).
+Policy (see `strategies/validation.py`, `strategies/observed.py`, `precode_flower/federation`):
+a rejected or failed reply, train or evaluate, costs only that client's contribution to the
+round; a reply may claim no more examples (its FedAvg weight) than a client can hold
+(`--max-examples`, default: FedSGD the batch size, FedAvg the largest partition); with fewer
+valid replies than `--min-replies` the round is skipped and the global model is left
+unchanged; every rejection is logged with node id, partition id, round and reason and listed
+in the round's `rounds.jsonl` row (`rejected`, `rejections`, `failed`, `failures`,
+`dropped`, `dropped_nodes`, `evaluate_rejections`, `evaluate_failures`, `skipped`). Bounds
+on single replies do not stop a Byzantine client that stays within them: `--aggregation
+trimmed-mean|median|krum` uses Flower's robust strategies instead of the mean.
+
+Settings that can never work are refused before anything starts (one line, exit 2); an
+existing run is never overwritten without `--overwrite`; everything a run writes is
+owner-only (directory 0700, files 0600), because the global model and the seed can reveal
+a client's data; faults are injected by a test-only mod (`tests/faults.py`), never by the
+production ClientApp.
 """
 
 
