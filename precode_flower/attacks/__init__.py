@@ -16,12 +16,14 @@ from torch import Tensor, nn
 # Importing the attack modules registers them (keep this list in sync with the modules).
 from . import (  # noqa: F401
     analytic,
+    cocktail,
     dlg,
     fedavg,
     ig,
     ignore_bottleneck,
     label_counts,
     label_recovery,
+    spear,
 )
 from .base import ATTACKS, AttackResult, Gradients, as_gradient_list, register
 
