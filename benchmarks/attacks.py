@@ -323,6 +323,8 @@ def run_batch_cell(job: dict[str, Any]) -> dict[str, Any]:
     common = {"input_shape": SHAPE, "mean": bundle.mean, "std": bundle.std, "seed": trial}
     rows = []
     for attack in batch_attacks(job["arch"], job["precode"], b):
+        if job["attacks"] and attack not in job["attacks"]:
+            continue
         name, update, options = attack, grads, {}
         if attack == "label-counts-fedavg4":
             fed = copy.deepcopy(model)
@@ -432,6 +434,7 @@ def batch_grid(args: argparse.Namespace) -> None:
                             "device": str(DEVICE),
                             "threads": args.threads,
                             "ig_iterations": args.ig_iterations,
+                            "attacks": [a for a in args.attacks.split(",") if a],
                         }
                     )
     print(f"{len(jobs)} batch jobs on {args.workers} worker(s), device {DEVICE}", flush=True)
@@ -478,7 +481,8 @@ as 2^B).
 
 {table}
 """
-    write_section(report, "Batch attacks: benchmark results", body, title="# Attacks")
+    heading = "Batch attacks: benchmark results" + (f" ({args.attacks})" if args.attacks else "")
+    write_section(report, heading, body, title="# Attacks")
 
 
 def main() -> None:
@@ -502,6 +506,9 @@ def main() -> None:
     parser.add_argument("--archs", default="mlp", help="batch grid: models (mlp,convnet,resnet18)")
     parser.add_argument("--batches", default="1,8,16,32,64", help="batch grid: batch sizes")
     parser.add_argument("--trials", type=int, default=None, help="batch grid: batches per cell")
+    parser.add_argument(
+        "--attacks", default="", help="batch grid: only these attacks (comma-separated)"
+    )
     parser.add_argument(
         "--ig-iterations", type=int, default=2000, help="batch grid: ig iterations (resnet18)"
     )
