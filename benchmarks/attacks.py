@@ -449,7 +449,12 @@ def batch_grid(args: argparse.Namespace) -> None:
     minutes = (time.perf_counter() - started) / 60
     out_dir = Path(args.out).parent if args.out else ROOT / "docs"
     report = Path(args.out) if args.out else out_dir / "ATTACKS.md"
-    raw = out_dir / "attacks_batch.json"
+    suffix = "".join(
+        "_" + a.replace(",", "_")
+        for a in (args.archs if args.archs != "mlp" else "", args.attacks)
+        if a
+    )
+    raw = out_dir / f"attacks_batch{suffix}.json"
     raw.write_text(
         json.dumps(
             {
@@ -481,7 +486,8 @@ as 2^B).
 
 {table}
 """
-    heading = "Batch attacks: benchmark results" + (f" ({args.attacks})" if args.attacks else "")
+    scope = [a for a in (args.archs if args.archs != "mlp" else "", args.attacks) if a]
+    heading = "Batch attacks: benchmark results" + (f" ({'; '.join(scope)})" if scope else "")
     write_section(report, heading, body, title="# Attacks")
 
 
