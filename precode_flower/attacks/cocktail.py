@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import AttackResult, Timer, register
-from .fc_batch import complete_one, directions, factorise, fc_layer, zero_mask
+from .fc_batch import complete_missing, directions, factorise, fc_layer, zero_mask
 from .fc_batch import refine as refine_direction
 from .spear import finish
 
@@ -299,6 +299,18 @@ def cocktail(
                         _add_distinct(exact, directions(lmat, q[:, None])[:, 0], batch_size)
             if len(exact) == before or len(exact) == batch_size:
                 break
+        completions: set[int] = set()
+
+        def complete() -> None:
+            # The last one or two examples follow from the others (fc_batch.complete_missing).
+            missing = batch_size - len(exact)
+            if refine and 1 <= missing <= 2 and missing not in completions:
+                completions.add(missing)
+                for d in complete_missing(fc, lmat, exact, zero_tol):
+                    if int(zero_mask(d[:, None], zero_tol).sum()) >= min_zeros:
+                        _add_distinct(exact, d, batch_size)
+
+        complete()
         # Examples ICA missed: L1 descent (IRLS) from random starts in the unexplained
         # subspace converges to sparse deltas too.
         tries = 0
@@ -310,10 +322,7 @@ def cocktail(
             if int(zero_mask(lmat @ q[:, None], zero_tol).sum()) >= min_zeros:
                 q = refine_direction(lmat, q[:, None], zero_tol)[:, 0]
                 _add_distinct(exact, directions(lmat, q[:, None])[:, 0], batch_size)
-        if refine and len(exact) == batch_size - 1:
-            last = complete_one(fc, lmat, exact, zero_tol)
-            if last is not None and int(zero_mask(last[:, None], zero_tol).sum()) >= min_zeros:
-                _add_distinct(exact, last, batch_size)
+            complete()
         # The exact directions, then the ICA estimates the rest (most distinct first).
         chosen = list(exact)
         for d in estimates:

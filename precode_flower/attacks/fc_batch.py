@@ -131,35 +131,64 @@ def directions(lmat: Tensor, q: Tensor) -> Tensor:
     return d * torch.sign(peak)
 
 
-def complete_one(fc: FcLayer, lmat: Tensor, found: list[Tensor], zero_tol: float) -> Tensor | None:
-    """The last example's unit delta when B - 1 are known exactly (None if it cannot be).
+def complete_missing(
+    fc: FcLayer, lmat: Tensor, found: list[Tensor], zero_tol: float, *, max_missing: int = 2
+) -> list[Tensor]:
+    """Unit deltas of the last 1 or 2 examples when the others are known exactly.
 
-    Complete the known deltas with any vector v of L's column space outside their span and
-    decompose ``dW`` and ``dc`` in that basis: v's coefficient row is the missing example's
-    input times ``alpha * lam`` and v's bias coefficient is ``alpha * lam`` (the known
-    examples' rows absorb the rest). So the missing input is exact; its own ReLU mask gives
-    its zero set, and the null vector of L there its delta.
+    Complete the k known-missing directions with a basis V of L's column space outside the
+    known deltas' span and decompose ``dW`` and ``dc`` in that basis: V's coefficient rows
+    are ``Y = M diag(lam) X_missing`` and its bias coefficients ``c = M lam`` for an unknown
+    k x k M (the known examples' rows absorb the rest). So each missing input is
+    ``x(g) = g^T Y / g^T c`` for some direction g: for k = 1 it is exact outright; for k = 2
+    g is an angle, and only at the right ones does x(g)'s ReLU mask leave L a null vector
+    on its zero set (the mask changes only where g crosses a neuron's hyperplane, so every
+    arc between breakpoints is tried once). The null vector there is the delta.
+    Returns the deltas found (possibly fewer than k).
     """
     b = lmat.shape[1]
-    if len(found) != b - 1:
-        return None
+    k = b - len(found)
+    if not 1 <= k <= max_missing:
+        return []
     known = torch.stack(found, 1) if found else lmat[:, :0]
     basis = torch.linalg.qr(lmat)[0]  # orthonormal column space of L
     resid = basis - known @ torch.linalg.lstsq(known, basis).solution if found else basis
-    v = resid[:, int(resid.norm(dim=0).argmax())]
-    full = torch.cat([known, v[:, None]], 1)
-    pinv = torch.linalg.pinv(full)
-    coef_b = float((pinv @ fc.db)[-1])
-    if coef_b == 0:
-        return None
-    x = (pinv[-1] @ fc.dw) / coef_b
-    w = fc.module.weight.detach().double().to(x.device)
-    c = fc.module.bias.detach().double().to(x.device)
-    zeros = (w @ x + c) <= 0
-    if int(zeros.sum()) < b - 1:
-        return None
-    q = torch.linalg.svd(lmat[zeros], full_matrices=False)[2][-1]
-    return directions(lmat, refine(lmat, q[:, None], zero_tol))[:, 0]
+    comp = torch.linalg.svd(resid, full_matrices=False)[0][:, :k]  # the missing directions
+    pinv = torch.linalg.pinv(torch.cat([known, comp], 1))
+    rows_y = pinv[-k:] @ fc.dw  # (k, n)
+    coef_c = pinv[-k:] @ fc.db  # (k,)
+    w = fc.module.weight.detach().double().to(rows_y.device)
+    c = fc.module.bias.detach().double().to(rows_y.device)
+    # Pre-activation of x(g) times g^T c:  g^T P_i with P = Y W^T + c c1^T  (k x m).
+    pmat = rows_y @ w.T + coef_c[:, None] * c[None, :]
+    if k == 1:
+        gs = torch.ones(1, 1, dtype=pmat.dtype, device=pmat.device)
+    else:
+        # Breakpoints: angles where g is orthogonal to some P_i; one g per arc (midpoints).
+        cross = torch.atan2(-pmat[0], pmat[1]) % torch.pi
+        edges = torch.sort(torch.cat([cross, cross + torch.pi]))[0]
+        following = torch.cat([edges[1:], edges[:1] + 2 * torch.pi])
+        mids = (edges + following) / 2
+        gs = torch.stack([torch.cos(mids), torch.sin(mids)], 0)
+    out: list[Tensor] = []
+    scale = float(lmat.norm())
+    for j in range(gs.shape[1]):
+        g = gs[:, j]
+        denom = float(g @ coef_c)
+        if denom == 0:
+            continue
+        zeros = (g @ pmat) / denom <= 0
+        if int(zeros.sum()) < b - 1:
+            continue
+        _, sv, vh = torch.linalg.svd(lmat[zeros], full_matrices=False)
+        if float(sv[-1]) > 1e-6 * scale:  # no exact null vector: a wrong mask
+            continue
+        d = directions(lmat, refine(lmat, vh[-1][:, None], zero_tol))[:, 0]
+        if not any(float((d @ e).abs()) > 0.999 for e in [*found, *out]):
+            out.append(d)
+        if len(out) == k:
+            break
+    return out
 
 
 @dataclass

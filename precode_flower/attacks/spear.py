@@ -47,7 +47,7 @@ from .base import AttackResult, Timer, register
 from .fc_batch import (
     FcLayer,
     assemble,
-    complete_one,
+    complete_missing,
     directions,
     factorise,
     fc_layer,
@@ -67,25 +67,30 @@ def sample_directions(
     zero_tol: float,
     min_zeros: int,
     generator: torch.Generator,
-    complete: Callable[[list[Tensor]], Tensor | None] | None = None,
+    complete: Callable[[list[Tensor]], list[Tensor]] | None = None,
 ) -> tuple[list[Tensor], int, bool]:
-    """Distinct unit deltas found from random subsets, subsets tried, last one completed?
+    """Distinct unit deltas found from random subsets, subsets tried, last ones completed?
 
-    ``complete`` is tried once B - 1 directions are known (it saves the rarest draw).
+    ``complete`` is tried once when B - 2 and once when B - 1 directions are known (it
+    saves the rarest draws).
     """
     m, b = lmat.shape
     found: list[Tensor] = []
     patterns: list[Tensor] = []
+    pending = {1, 2}
     tried = 0
     if b == 1:
         one = torch.ones(1, 1, dtype=lmat.dtype, device=lmat.device)
         return [directions(lmat, one)[:, 0]], 0, False
     while tried < max_samples and len(found) < batch_size:
-        if complete is not None and len(found) == batch_size - 1:
-            last = complete(found)
-            complete = None  # once: if it fails, keep sampling
-            if last is not None and int(zero_mask(last[:, None], zero_tol).sum()) >= min_zeros:
-                found.append(last)
+        missing = batch_size - len(found)
+        if complete is not None and missing in pending:
+            pending.discard(missing)  # once per count: if it fails, keep sampling
+            for d in complete(found):
+                if int(zero_mask(d[:, None], zero_tol).sum()) >= min_zeros:
+                    found.append(d)
+                    patterns.append(zero_mask(d[:, None], zero_tol)[:, 0])
+            if len(found) == batch_size:
                 return found, tried, True
         n = min(chunk, max_samples - tried)
         tried += n
@@ -235,7 +240,7 @@ def spear(
             zero_tol=zero_tol,
             min_zeros=max(batch_size, int(min_zero_fraction * m)),
             generator=gen,
-            complete=lambda found: complete_one(fc, lmat, found, zero_tol),
+            complete=lambda found: complete_missing(fc, lmat, found, zero_tol),
         )
         info: dict[str, Any] = {
             "completed_last": completed,
