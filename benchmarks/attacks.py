@@ -11,6 +11,9 @@ needs to reach SSIM >= 0.99 on the plain MLP.
 
     python benchmarks/attacks.py                 # full run: writes docs/ATTACKS.md + grid
     python benchmarks/attacks.py --quick         # smoke test, writes under runs/
+    python benchmarks/attacks.py --batch-grid    # batch attacks (MLP): its own docs section
+
+``--device cuda`` runs models, updates and attacks on the GPU.
 """
 
 from __future__ import annotations
@@ -40,13 +43,16 @@ from precode_flower.training import compute_gradients
 
 SHAPE = (3, 32, 32)
 ROOT = Path(__file__).resolve().parent.parent
+#: Where models, updates and attacks run (``--device``); workers get it in their job.
+DEVICE = torch.device("cpu")
 
 
 def make(arch: str, precode: bool) -> torch.nn.Module:
     """The attacked model: seeded, untrained; PRECODE shares the plain model's weights."""
     torch.manual_seed(0)
     model = build(arch, 10, SHAPE)
-    return pf.extend(model, input_shape=SHAPE) if precode else model
+    model = pf.extend(model, input_shape=SHAPE) if precode else model
+    return model.to(DEVICE)
 
 
 def attacks_for(arch: str, precode: bool) -> list[str]:
@@ -59,12 +65,15 @@ def attacks_for(arch: str, precode: bool) -> list[str]:
 
 def client_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, index: int):
     torch.manual_seed(1000 + index)  # the client's own PRECODE draw, unknown to the server
-    grads, _ = compute_gradients(model, x, y)
+    device = next(model.parameters()).device
+    grads, _ = compute_gradients(model, x.to(device), y.to(device))
     return grads
 
 
 def run_cell_image(job: dict[str, Any]) -> dict[str, Any]:
     """All attacks of one (model, defence) cell on one image; runs in a worker process."""
+    global DEVICE
+    DEVICE = torch.device(job.get("device", "cpu"))
     torch.set_num_threads(job["threads"])
     bundle = data.load("cifar10")
     x_all, y_all = bundle.test.tensors
@@ -132,6 +141,7 @@ def ig_seconds_per_iteration(model, grads, y, fast: bool, short: int, long: int)
 def speed(x: torch.Tensor, y: torch.Tensor, rounds: int, quick: bool) -> dict[str, Any]:
     """Interleaved timings on the paper's MLP, batch 1 (medians over ``rounds``)."""
     model = make("mlp", False)
+    x, y = x.to(DEVICE), y.to(DEVICE)
     grads, _ = compute_gradients(model, x, y)
     params = list(model.parameters())
 
@@ -168,7 +178,7 @@ def time_to_ssim(x_all, y_all, mean, std, indices: list[int], target: float) -> 
         grads = client_update(model, x, y, i)
 
         def reached(_iteration: int, images: torch.Tensor, x: torch.Tensor = x) -> bool:
-            return float(metrics.ssim(images, x, mean, std).mean()) >= target
+            return float(metrics.ssim(images.cpu(), x, mean, std).mean()) >= target
 
         result = reconstruct(
             "ig",
@@ -269,6 +279,223 @@ def summarise(outs: list[dict[str, Any]], cells, iterations) -> tuple[str, list[
     return "\n".join(lines), table
 
 
+# -- batch grid (label counts, exact batch recovery, BatchNorm prior) --------------------------
+
+#: Beyond this batch, ``spear``'s random subsets (success ~2^-(B-1) each) are not run.
+SPEAR_MAX_BATCH = 16
+
+
+def batch_attacks(arch: str, precode: bool, batch: int) -> list[str]:
+    """Attacks of the batch grid that apply to a cell."""
+    names = ["label-counts"]
+    if batch % 4 == 0:
+        names.append("label-counts-fedavg4")
+    if arch == "mlp":
+        if batch <= SPEAR_MAX_BATCH:
+            names.append("spear")
+        names.append("cocktail")
+    if arch == "resnet18" and not precode:
+        names += ["ig", "ig+bn"]
+    return names
+
+
+def count_accuracy(predicted: torch.Tensor, true: torch.Tensor) -> float:
+    """Fraction of the batch whose label is counted right: sum_c min(n_c, n_c*) / B."""
+    p = torch.bincount(predicted.cpu(), minlength=10)
+    t = torch.bincount(true.cpu(), minlength=10)
+    return float(torch.minimum(p, t).sum()) / len(true)
+
+
+def run_batch_cell(job: dict[str, Any]) -> dict[str, Any]:
+    """Every applicable attack on one batch of one (model, defence, batch size) cell."""
+    import copy
+
+    from precode_flower.attacks.gradient_matching import bn_stats_from_buffers
+    from precode_flower.training import train
+
+    global DEVICE
+    DEVICE = torch.device(job["device"])
+    torch.set_num_threads(job["threads"])
+    bundle = data.load("cifar10")
+    x_all, y_all = bundle.test.tensors
+    b, trial = job["batch"], job["trial"]
+    gen = torch.Generator().manual_seed(10_000 * b + trial)
+    idx = torch.randperm(len(y_all), generator=gen)[:b]
+    x, y = x_all[idx], y_all[idx]
+    model = make(job["arch"], job["precode"])
+    client = copy.deepcopy(model)  # its train-mode pass updates BatchNorm buffers
+    grads = client_update(client, x, y, trial)
+    common = {"input_shape": SHAPE, "mean": bundle.mean, "std": bundle.std, "seed": trial}
+    rows = []
+    for attack in batch_attacks(job["arch"], job["precode"], b):
+        if job["attacks"] and attack not in job["attacks"]:
+            continue
+        name, update, options = attack, grads, {}
+        if attack == "label-counts-fedavg4":
+            fed = copy.deepcopy(model)
+            train(fed, (x, y), epochs=1, batch_size=b // 4, lr=0.01, seed=trial)
+            update = [
+                n.detach() - o.detach()
+                for n, o in zip(fed.parameters(), model.parameters(), strict=True)
+            ]
+            name = "label-counts"
+            options = {"update": True, "local_steps": 4, "local_lr": 0.01}
+        elif attack in ("ig", "ig+bn"):
+            name = "ig"
+            options = {"iterations": job["ig_iterations"], "lr": 0.1}
+            if attack == "ig+bn":
+                options["bn_prior"] = 0.03
+                options["bn_stats"] = bn_stats_from_buffers(model, client.state_dict())
+        result = reconstruct(name, model, update, labels=None, batch_size=b, **common, **options)
+        row: dict[str, Any] = {
+            "arch": job["arch"],
+            "precode": job["precode"],
+            "batch": b,
+            "trial": trial,
+            "attack": attack,
+            "seconds": result.seconds,
+            "label_count_accuracy": count_accuracy(result.labels, y),
+        }
+        if not attack.startswith("label-counts"):
+            score = metrics.score(result, x, y, bundle.mean, bundle.std)
+            ssims = score["per_image"]["ssim"]
+            row["recognisable"] = sum(v >= 0.6 for v in ssims)
+            row["claimed"] = result.recovered
+            # Claimed slots are the first ones: each must equal some original.
+            claimed = result.images[: result.recovered or 0].flatten(1)
+            err = (claimed[:, None] - x.flatten(1)[None]).abs().amax(2) if len(claimed) else None
+            row["claimed_exact"] = 0 if err is None else int((err.min(1).values < 1e-3).sum())
+        rows.append(row)
+        print(
+            f"  {job['arch']:8s} {'precode' if job['precode'] else 'plain':7s} B={b:<3d} "
+            f"t{trial} {attack:21s} {row.get('claimed', '-')!s:>3s} claimed, "
+            f"{row.get('recognisable', '-')!s:>3s} ssim>=0.6, counts "
+            f"{row['label_count_accuracy']:.3f}, {result.seconds:6.1f}s",
+            flush=True,
+        )
+    return {"rows": rows}
+
+
+def summarise_batch(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    keys = sorted(
+        {(r["arch"], r["precode"], r["attack"], r["batch"]) for r in rows},
+        key=lambda k: (k[0], k[1], k[2], k[3]),
+    )
+    lines = [
+        "| model | defence | attack | batch | images | claimed exact (verified / claimed) | "
+        "SSIM >= 0.6 | label counts | s / batch |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    table = []
+    for arch, precode, attack, b in keys:
+        cell = [
+            r
+            for r in rows
+            if (r["arch"], r["precode"], r["attack"], r["batch"]) == (arch, precode, attack, b)
+        ]
+        n = b * len(cell)
+        entry = {
+            "model": arch,
+            "defence": "PRECODE" if precode else "none",
+            "attack": attack,
+            "batch": b,
+            "images": n,
+            "label_count_accuracy": statistics.mean(r["label_count_accuracy"] for r in cell),
+            "seconds": statistics.mean(r["seconds"] for r in cell),
+        }
+        if "claimed" in cell[0]:
+            entry["claimed"] = sum(r["claimed"] or 0 for r in cell)
+            entry["claimed_exact"] = sum(r["claimed_exact"] for r in cell)
+            entry["recognisable"] = sum(r["recognisable"] for r in cell)
+            claimed = f"{entry['claimed_exact']} / {entry['claimed']}"
+            recog = f"{entry['recognisable']}/{n}"
+        else:
+            claimed = recog = "-"
+        table.append(entry)
+        lines.append(
+            f"| {arch} | {entry['defence']} | `{attack}` | {b} | {n} | {claimed} | {recog} | "
+            f"{entry['label_count_accuracy']:.3f} | {entry['seconds']:.1f} |"
+        )
+    return "\n".join(lines), table
+
+
+def batch_grid(args: argparse.Namespace) -> None:
+    """Run the batch grid and write its section of docs/ATTACKS.md (or ``--out``)."""
+    started = time.perf_counter()
+    archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+    batches = [int(b) for b in args.batches.split(",")]
+    jobs = []
+    for arch in archs:
+        for precode in (False, True):
+            for b in batches:
+                trials = args.trials or max(1, -(-8 // b))  # at least 8 images per cell
+                for t in range(trials):
+                    jobs.append(
+                        {
+                            "arch": arch,
+                            "precode": precode,
+                            "batch": b,
+                            "trial": t,
+                            "device": str(DEVICE),
+                            "threads": args.threads,
+                            "ig_iterations": args.ig_iterations,
+                            "attacks": [a for a in args.attacks.split(",") if a],
+                        }
+                    )
+    print(f"{len(jobs)} batch jobs on {args.workers} worker(s), device {DEVICE}", flush=True)
+    if args.workers > 1:
+        spawn = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.workers, mp_context=spawn) as pool:
+            outs = list(pool.map(run_batch_cell, jobs))
+    else:
+        outs = [run_batch_cell(job) for job in jobs]
+    rows = [r for o in outs for r in o["rows"]]
+    table, summary = summarise_batch(rows)
+    minutes = (time.perf_counter() - started) / 60
+    out_dir = Path(args.out).parent if args.out else ROOT / "docs"
+    report = Path(args.out) if args.out else out_dir / "ATTACKS.md"
+    suffix = "".join(
+        "_" + a.replace(",", "_")
+        for a in (args.archs if args.archs != "mlp" else "", args.attacks)
+        if a
+    )
+    raw = out_dir / f"attacks_batch{suffix}.json"
+    raw.write_text(
+        json.dumps(
+            {
+                "date": dt.date.today().isoformat(),
+                "command": "python " + " ".join(sys.argv),
+                "device": str(DEVICE),
+                "table": summary,
+                "rows": rows,
+            },
+            indent=1,
+        )
+        + "\n"
+    )
+    try:
+        raw_name = raw.relative_to(ROOT)
+    except ValueError:
+        raw_name = raw
+    body = f"""{provenance()}Device: {DEVICE}; CPU cores: {os.cpu_count()}, shared with other work
+while this ran (seconds are not timing targets); workers: {args.workers}; total {minutes:.1f} min.
+Raw numbers: `{raw_name}`.
+
+CIFAR-10 test images, untrained seeded models, FedSGD gradients of one batch (labels not
+given to any attack). `label-counts-fedavg4`: the update of 4 local SGD steps (lr 0.01) over
+the same batch. *claimed exact*: images an attack claims (verified against the gradient),
+and how many of them equal an original to 1e-3; *SSIM >= 0.6*: images recognisable after
+matching (claimed or not); *label counts*: fraction of the batch whose label is counted
+right, `sum_c min(n_c, n_c*) / B`. `spear` runs up to batch {SPEAR_MAX_BATCH} (its cost grows
+as 2^B).
+
+{table}
+"""
+    scope = [a for a in (args.archs if args.archs != "mlp" else "", args.attacks) if a]
+    heading = "Batch attacks: benchmark results" + (f" ({'; '.join(scope)})" if scope else "")
+    write_section(report, heading, body, title="# Attacks")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke configuration")
@@ -281,7 +508,45 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="attack processes in parallel")
     parser.add_argument("--rounds", type=int, default=None, help="speed timing rounds (5)")
     parser.add_argument("--out", default=None, help="report (docs/ATTACKS.md)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--batch-grid",
+        action="store_true",
+        help="run the batch grid (label-counts, spear, cocktail, ig + BN prior) instead",
+    )
+    parser.add_argument("--archs", default="mlp", help="batch grid: models (mlp,convnet,resnet18)")
+    parser.add_argument("--batches", default="1,8,16,32,64", help="batch grid: batch sizes")
+    parser.add_argument("--trials", type=int, default=None, help="batch grid: batches per cell")
+    parser.add_argument(
+        "--attacks", default="", help="batch grid: only these attacks (comma-separated)"
+    )
+    parser.add_argument(
+        "--ig-iterations", type=int, default=2000, help="batch grid: ig iterations (resnet18)"
+    )
     args = parser.parse_args()
+
+    global DEVICE
+    try:
+        DEVICE = torch.device(args.device)
+    except RuntimeError:
+        parser.error(f"--device {args.device!r} is not a torch device")
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if args.batch_grid:
+        unknown = [
+            a for a in args.archs.split(",") if a.strip() not in ("mlp", "convnet", "resnet18")
+        ]
+        if unknown:
+            parser.error(f"--archs: unknown model {unknown[0]!r}")
+        try:
+            sizes = [int(b) for b in args.batches.split(",")]
+        except ValueError:
+            parser.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+        if any(b < 1 for b in sizes):
+            parser.error("--batches must be >= 1")
+        torch.set_num_threads(args.threads)
+        batch_grid(args)
+        return
 
     quick = args.quick
     n_images = args.images or (2 if quick else 8)
@@ -312,7 +577,14 @@ def main() -> None:
 
     cells = [("mlp", False), ("mlp", True), ("convnet", False), ("convnet", True)]
     jobs = [
-        {"arch": a, "precode": p, "index": i, "iterations": iterations, "threads": args.threads}
+        {
+            "arch": a,
+            "precode": p,
+            "index": i,
+            "iterations": iterations,
+            "threads": args.threads,
+            "device": str(DEVICE),
+        }
         for a, p in cells
         for i in indices
     ]

@@ -14,7 +14,17 @@ import torch
 from torch import Tensor, nn
 
 # Importing the attack modules registers them (keep this list in sync with the modules).
-from . import analytic, dlg, fedavg, ig, ignore_bottleneck, label_recovery  # noqa: F401
+from . import (  # noqa: F401
+    analytic,
+    cocktail,
+    dlg,
+    fedavg,
+    ig,
+    ignore_bottleneck,
+    label_counts,
+    label_recovery,
+    spear,
+)
 from .base import ATTACKS, AttackResult, Gradients, as_gradient_list, register
 
 

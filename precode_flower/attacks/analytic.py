@@ -138,7 +138,7 @@ def invert_linear(
     cand = dw[rows] / db[rows, None]
     dim = cand.shape[1]
     dist = torch.cdist(cand, cand) / dim**0.5
-    unassigned = torch.ones(len(rows), dtype=torch.bool)
+    unassigned = torch.ones(len(rows), dtype=torch.bool, device=dw.device)
     images: list[Tensor] = []
     sizes: list[int] = []
     for i in range(len(rows)):

@@ -80,8 +80,9 @@ from .ig import IGOptions, optimise_restarts, pixel_box, resolve_labels, restart
 class FedAvgOptions(IGOptions):
     """Options of :func:`fedavg` (see the module docstring)."""
 
-    #: ``fast`` is an IG objective switch with no meaning here.
-    EXCLUDED: ClassVar[frozenset[str]] = frozenset({"fast"})
+    #: ``fast`` is an IG objective switch with no meaning here; the BatchNorm prior is
+    #: wired into ``ig``'s GradientMatcher only.
+    EXCLUDED: ClassVar[frozenset[str]] = frozenset({"fast", "bn_prior", "bn_stats"})
 
     iterations: int = 500
     training: LocalTraining | Mapping[str, Any] | None = None

@@ -31,7 +31,7 @@ buffers (e.g. BatchNorm running statistics) and bottleneck KL caches.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -58,6 +58,80 @@ def distance(dot: Tensor, sq: Tensor, target_sq: Tensor, cost: Cost) -> Tensor:
         # clamp: a candidate whose gradient vanishes (e.g. dead ReLUs) gives cost 1, not NaN.
         return 1.0 - dot / (sq.clamp_min(1e-30).sqrt() * target_sq.clamp_min(1e-30).sqrt())
     return sq - 2.0 * dot + target_sq
+
+
+BNStats = Mapping[str, tuple[Tensor, Tensor]]
+
+
+def batchnorm_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    """The model's BatchNorm modules by qualified name."""
+    return {
+        n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+    }
+
+
+def bn_stats_from_buffers(
+    model: nn.Module, new_buffers: Mapping[str, Tensor], *, steps: int = 1
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The client's BatchNorm batch statistics from its running buffers before and after.
+
+    ``model`` holds the running buffers the client started from; ``new_buffers`` maps
+    ``"<module>.running_mean"`` / ``"<module>.running_var"`` to the client's (a FedAvg
+    state dict carries them). With momentum m, one training pass sets
+    ``new = (1 - m) old + m s``, so ``s = (new - (1 - m) old) / m`` exactly: the batch mean,
+    and the *unbiased* batch variance (what PyTorch folds into ``running_var``). After
+    ``steps`` passes the inverse gives the statistics' momentum-weighted average over the
+    steps (the per-step ones are not separable). Returns name -> (mean, unbiased var).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    out = {}
+    for name, module in batchnorm_modules(model).items():
+        if not module.track_running_stats or module.running_mean is None:
+            continue
+        if module.momentum is None:
+            raise ValueError(
+                f"{name}: cumulative BatchNorm averaging (momentum=None) is not supported"
+            )
+        keys = (f"{name}.running_mean", f"{name}.running_var")
+        missing = [k for k in keys if k not in new_buffers]
+        if missing:
+            raise ValueError(f"new_buffers: no entry {missing[0]!r}")
+        keep = (1.0 - float(module.momentum)) ** steps
+        old_mean = module.running_mean.detach().double()
+        old_var = module.running_var.detach().double()
+        new_mean = torch.as_tensor(new_buffers[keys[0]]).to(old_mean)
+        new_var = torch.as_tensor(new_buffers[keys[1]]).to(old_var)
+        if new_mean.shape != old_mean.shape or new_var.shape != old_var.shape:
+            raise ValueError(f"new_buffers: {name} statistics have the wrong shape")
+        mean = (new_mean - keep * old_mean) / (1.0 - keep)
+        var = (new_var - keep * old_var) / (1.0 - keep)
+        out[name] = (mean.to(module.running_mean.dtype), var.to(module.running_var.dtype))
+    return out
+
+
+def check_bn_stats(model: nn.Module, stats: BNStats) -> dict[str, tuple[Tensor, Tensor]]:
+    """``stats`` validated against the model's BatchNorm modules, on their devices."""
+    modules = batchnorm_modules(model)
+    if not stats:
+        raise ValueError("bn_stats: empty; the model has BatchNorm modules " + ", ".join(modules))
+    out = {}
+    for name, pair in stats.items():
+        if name not in modules:
+            raise ValueError(f"bn_stats: {name!r} is not a BatchNorm module of the model")
+        module = modules[name]
+        mean, var = (torch.as_tensor(t) for t in pair)
+        if mean.shape != (module.num_features,) or var.shape != (module.num_features,):
+            raise ValueError(f"bn_stats: {name!r} needs two tensors of {module.num_features}")
+        ref = module.weight if module.weight is not None else module.running_mean
+        out[name] = (mean.to(ref).detach(), var.to(ref).detach())
+    return out
+
+
+def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased variance of a BatchNorm input (N, C, ...)."""
+    dims = [0, *range(2, x.dim())]
+    return x.mean(dims), x.var(dims, unbiased=True)
 
 
 @contextlib.contextmanager
@@ -132,6 +206,8 @@ class GradientMatcher:
         cost: Cost = "cosine",
         fast: bool = True,
         noise_seed: int = 0,
+        bn_prior: float = 0.0,
+        bn_stats: BNStats | None = None,
     ) -> None:
         if cost not in COSTS:
             raise ValueError(f"cost must be one of {COSTS}, got {cost!r}")
@@ -155,6 +231,9 @@ class GradientMatcher:
         if fast:
             self._route_linears()
         self._stack: contextlib.ExitStack | None = None
+        self.bn_prior = float(bn_prior)
+        self._bn_targets = check_bn_stats(model, bn_stats) if self.bn_prior else {}
+        self._bn_seen: dict[str, tuple[Tensor, Tensor]] = {}
 
     # -- routing -------------------------------------------------------------------------
 
@@ -202,6 +281,9 @@ class GradientMatcher:
         stack.callback(lambda: [f.calls.clear() for f in self._fast])
         for f in self._fast:
             stack.callback(f.module.register_forward_hook(self._hook(f)).remove)
+        modules = batchnorm_modules(self.model)
+        for name in self._bn_targets:
+            stack.callback(modules[name].register_forward_pre_hook(self._bn_hook(name)).remove)
         self._set_requires_grad()
         self._stack = stack
         return self
@@ -231,9 +313,31 @@ class GradientMatcher:
 
         return hook
 
+    def _bn_hook(self, name: str):  # noqa: ANN202
+        def hook(_module: nn.Module, args: tuple[Tensor, ...]) -> None:
+            self._bn_seen[name] = _channel_stats(args[0])
+
+        return hook
+
     # -- evaluation ----------------------------------------------------------------------
 
+    def bn_prior_term(self) -> Tensor | None:
+        """GradInversion's BatchNorm prior of the latest forward pass (None when off).
+
+        ``sum_l ||mean_l(x) - mean_l*||_2 + ||var_l(x) - var_l*||_2`` over the BatchNorm
+        layers with target statistics.
+        """
+        if not self._bn_targets:
+            return None
+        terms = []
+        for name, (mean_t, var_t) in self._bn_targets.items():
+            if name in self._bn_seen:
+                mean, var = self._bn_seen[name]
+                terms.append((mean - mean_t).norm() + (var - var_t).norm())
+        return torch.stack(terms).sum() if terms else None
+
     def _forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        self._bn_seen.clear()
         for f in self._fast:
             f.calls.clear()
         torch.manual_seed(self.noise_seed)
@@ -303,9 +407,15 @@ class GradientMatcher:
         return dot, sq
 
     def __call__(self, x: Tensor, labels: Tensor, *, create_graph: bool = True) -> Tensor:
-        """The gradient distance (differentiable w.r.t. ``x`` when ``create_graph``)."""
+        """The gradient distance plus ``bn_prior`` times the BatchNorm prior, if on.
+
+        Differentiable w.r.t. ``x`` when ``create_graph``.
+        """
         dot, sq = self.terms(x, labels, create_graph=create_graph)
         value = distance(dot, sq, self.target_sq, self.cost)
+        prior = self.bn_prior_term()
+        if prior is not None:
+            value = value + self.bn_prior * prior
         return value if create_graph else value.detach()
 
     def candidate_gradients(self, x: Tensor, labels: Tensor) -> dict[str, Tensor]:

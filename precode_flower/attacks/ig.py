@@ -26,6 +26,13 @@ layers          None        which gradients to match: None (all), names / module
 fast            True        Gram-route objective (see ``gradient_matching``); False: the
                             straightforward double-backpropagation objective (slow)
 noise_seed      seed        seed of the fixed PRECODE/dropout noise in the candidate's pass
+bn_prior        0.0         weight of GradInversion's BatchNorm prior (Yin et al., CVPR 2021):
+                            sum over BatchNorm layers of ||mean - mean*||_2 +
+                            ||var - var*||_2 between the candidate's batch statistics and
+                            the client's (``bn_stats``); 0: off
+bn_stats        None        {BatchNorm module name: (mean, unbiased var)} of the client's
+                            batch; from a FedAvg state dict with
+                            ``gradient_matching.bn_stats_from_buffers``
 target_loss     None        stop a restart once its objective is <= this value
 stop_when       None        callable(iteration, images) -> bool, stops a restart when True
 check_every     100         iterations between ``target_loss``/``stop_when`` checks
@@ -52,7 +59,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .base import AttackResult, Timer, register, select_parameters
-from .gradient_matching import COSTS, GradientMatcher, total_variation
+from .gradient_matching import COSTS, BNStats, GradientMatcher, total_variation
 
 Layers = Iterable[str] | Callable[[str], bool] | None
 StopWhen = Callable[[int, Tensor], bool]
@@ -79,6 +86,8 @@ class IGOptions:
     layers: Layers = None
     fast: bool = True
     noise_seed: int | None = None
+    bn_prior: float = 0.0
+    bn_stats: BNStats | None = None
     target_loss: float | None = None
     stop_when: StopWhen | None = None
     check_every: int = 100
@@ -123,6 +132,13 @@ class IGOptions:
             raise bad(f"init must be one of {INITS} or a tensor, got {self.init!r}")
         if self.stop_when is not None and not callable(self.stop_when):
             raise bad("stop_when must be a callable(iteration, images) -> bool")
+        if not (isinstance(self.bn_prior, int | float) and self.bn_prior >= 0):
+            raise bad(f"bn_prior must be a number >= 0, got {self.bn_prior!r}")
+        if self.bn_prior and not self.bn_stats:
+            raise bad(
+                "bn_prior needs bn_stats (the client's BatchNorm batch statistics, e.g. "
+                "gradient_matching.bn_stats_from_buffers of its FedAvg state dict)"
+            )
 
 
 def pixel_box(
@@ -200,6 +216,8 @@ def run_ig(
             cost=opts.cost,
             fast=opts.fast,
             noise_seed=seed if opts.noise_seed is None else opts.noise_seed,
+            bn_prior=opts.bn_prior,
+            bn_stats=opts.bn_stats,
         )
         param = next(model.parameters())
         box = pixel_box(mean, std, param.device, param.dtype)

@@ -4,8 +4,13 @@ Registered as ``"labels"``: returns only labels (images are zeros, loss NaN).
 :func:`recover_labels` is what every attack calls when it is given ``labels=None``.
 
 Options of the ``labels`` attack (and of :func:`recover_labels`):
-    method: ``"auto"`` (default: ``"bias"`` when the classifier has a bias, else
-        ``"weight"``), ``"bias"``, ``"weight"`` or ``"idlg"``.
+    method: ``"auto"`` (default: for B > 1 ``"counts"`` when the classifier has a bias;
+        batch 1 ``"bias"``; else ``"weight"``), ``"counts"``, ``"bias"``, ``"weight"`` or
+        ``"idlg"``.
+
+* ``counts``, batch B > 1: :func:`.label_counts.count_labels` (the batch's probability mass
+  estimated from the mean logit read off the weight gradient); exact on untrained models
+  at batch 64 where ``bias``'s absent-class estimate has no absent class to read.
 
 How, and how well (for cross-entropy averaged over the batch, as in
 :func:`precode_flower.training.compute_gradients`; the PRECODE KL term does not
@@ -49,8 +54,8 @@ from torch import Tensor, nn
 from ..precode import find_classifier
 from .base import AttackResult, Gradients, Timer, as_gradient_list, register
 
-Method = Literal["auto", "bias", "weight", "idlg"]
-METHODS: tuple[str, ...] = ("auto", "bias", "weight", "idlg")
+Method = Literal["auto", "counts", "bias", "weight", "idlg"]
+METHODS: tuple[str, ...] = ("auto", "counts", "bias", "weight", "idlg")
 
 
 def classifier_gradients(
@@ -144,8 +149,13 @@ def recover_labels(
         raise ValueError(f"unknown label recovery method {method!r}; choose one of {METHODS}")
     _, dw, db = classifier_gradients(model, gradients, input_shape)
     if method == "auto":
-        method = "bias" if db is not None else "weight"
-    if method == "bias":
+        method = "weight" if db is None else "counts" if batch_size > 1 else "bias"
+    if method == "counts":
+        from .label_counts import count_labels, counts_to_labels  # sibling attack module
+
+        counts, _ = count_labels(model, gradients, batch_size, input_shape=input_shape)
+        labels = counts_to_labels(counts)
+    elif method == "bias":
         if db is None:
             raise ValueError("label recovery method 'bias' needs a classifier with a bias")
         labels = _labels_from_signed(db, batch_size, known_scale=True)
