@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .base import AttackResult, Timer, register
 from .label_recovery import labels_or_recover
+from .memory import MemoryCase
 
 
 def _linear_inputs(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, bool]]:
@@ -161,7 +162,16 @@ def invert_linear(
     return torch.stack([images[j] for j in order]), [sizes[j] for j in order]
 
 
-@register("analytic")
+def analytic_memory(case: MemoryCase) -> int:
+    """Peak bytes: float64 copies of the inverted layer's weight gradient (the candidates
+    ``dW[k] / db[k]`` among them) and the rows' pairwise distances; nothing grows with the
+    batch but the images (counted by the caller)."""
+    linears = case.footprint.linears
+    out, inp = next(((o, i) for o, i, img in linears if img), linears[0][:2] if linears else (0, 0))
+    return 8 * (4 * out * inp + 4 * out * out)
+
+
+@register("analytic", memory=analytic_memory)
 def analytic(
     model: nn.Module,
     gradients: list[Tensor],

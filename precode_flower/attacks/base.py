@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ..precode import BOTTLENECK_TYPES
+from .memory import MemoryEstimator, generic_memory
 
 Gradients = Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -55,19 +56,49 @@ class Attack(Protocol):
     ) -> AttackResult: ...
 
 
+@dataclass(frozen=True)
+class AttackSpec:
+    """What the registry knows of an attack besides its function.
+
+    Attributes:
+        name: registry name.
+        fn: the attack.
+        memory: its peak-memory estimator (:mod:`.memory`); an attack registered without
+            one gets :func:`~.memory.generic_memory`, a deliberately safe default.
+    """
+
+    name: str
+    fn: Attack
+    memory: MemoryEstimator = generic_memory
+
+
 ATTACKS: dict[str, Attack] = {}
+#: name -> :class:`AttackSpec`, kept in step with :data:`ATTACKS` by :func:`register`.
+SPECS: dict[str, AttackSpec] = {}
 
 
-def register(name: str) -> Callable[[Attack], Attack]:
-    """Class/function decorator adding an attack to :data:`ATTACKS` under ``name``."""
+def register(name: str, *, memory: MemoryEstimator | None = None) -> Callable[[Attack], Attack]:
+    """Class/function decorator adding an attack to :data:`ATTACKS` under ``name``.
+
+    ``memory`` estimates the attack's peak memory before it runs (see :mod:`.memory`).
+    """
 
     def deco(fn: Attack) -> Attack:
         if name in ATTACKS:
             raise ValueError(f"attack {name!r} is registered twice")
         ATTACKS[name] = fn
+        SPECS[name] = AttackSpec(name, fn, memory or generic_memory)
         return fn
 
     return deco
+
+
+def spec(name: str) -> AttackSpec:
+    """The :class:`AttackSpec` of ``name`` (one is made for an attack put in
+    :data:`ATTACKS` by hand, with the defaults)."""
+    if name not in SPECS or SPECS[name].fn is not ATTACKS[name]:
+        SPECS[name] = AttackSpec(name, ATTACKS[name])
+    return SPECS[name]
 
 
 def as_gradient_list(model: nn.Module, gradients: Gradients) -> list[Tensor]:

@@ -66,6 +66,7 @@ from ..precode import precode_loss
 from .base import AttackResult, Timer, register, select_parameters
 from .gradient_matching import COSTS, Cost, attack_session, distance
 from .ig import IGOptions, optimise_restarts, pixel_box, resolve_labels, restart_info
+from .memory import unrolled_memory
 
 
 @dataclass
@@ -191,7 +192,7 @@ class UpdateMatcher:
         return distance(dot.sum(), sq.sum(), self.target_sq, self.cost)
 
 
-@register("fedavg")
+@register("fedavg", memory=unrolled_memory)
 def fedavg(
     model: nn.Module,
     gradients: list[Tensor],

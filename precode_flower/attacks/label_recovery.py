@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..precode import find_classifier
 from .base import AttackResult, Gradients, Timer, as_gradient_list, register
+from .memory import label_memory
 
 Method = Literal["auto", "bias", "weight", "idlg"]
 METHODS: tuple[str, ...] = ("auto", "bias", "weight", "idlg")
@@ -171,7 +172,7 @@ def labels_or_recover(
     return recover_labels(model, gradients, batch_size, input_shape=input_shape), True
 
 
-@register("labels")
+@register("labels", memory=label_memory)
 def label_attack(
     model: nn.Module,
     gradients: list[Tensor],

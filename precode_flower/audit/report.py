@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 #: Row statuses in ``leakage.jsonl``.
-STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "dropped")
+STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "dropped", "skipped")
 #: Default SSIM from which a reconstruction counts as a successful attack.
 DEFAULT_SUCCESS_SSIM = 0.6
 
@@ -89,7 +89,9 @@ def verdicts(
         ok = [r for r in mine if r.get("status") == "ok"]
         scored = [r for r in ok if r.get("scored")]
         failed = len(mine) - len(ok)
-        fail_note = f" ({failed} attack runs failed, timed out or were dropped)" if failed else ""
+        fail_note = (
+            f" ({failed} attack runs failed, timed out, were dropped or skipped)" if failed else ""
+        )
         if not mine:
             lines.append(f"NOTHING AUDITED {under}.")
         elif not ok:
@@ -194,10 +196,10 @@ def summarize(
         "",
         "## Per attack",
         "",
-        "| defense | attack | runs | ok | error | timeout | dropped | images recovered "
+        "| defense | attack | runs | ok | error | timeout | dropped | skipped | images recovered "
         "| mean PSNR (dB) "
         "| mean SSIM | label acc. | mean s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     all_defenses = list(defenses or dict.fromkeys(str(r.get("defense", "none")) for r in rows))
     for defense in all_defenses:
@@ -220,7 +222,8 @@ def summarize(
             secs = _mean(r.get("seconds") for r in mine if r.get("status") == "ok")
             out.append(
                 f"| {defense} | {attack} | {len(mine)} | {count['ok']} | {count['error']} | "
-                f"{count['timeout']} | {count['dropped']} | {rate} | {_fmt(psnr, '.1f')} | "
+                f"{count['timeout']} | {count['dropped']} | {count['skipped']} | {rate} | "
+                f"{_fmt(psnr, '.1f')} | "
                 f"{_fmt(ssim)} | {_fmt(acc)} | {_fmt(secs, '.1f')} |"
             )
     out += ["", "## Outputs", ""]
@@ -240,7 +243,7 @@ def summarize(
             f"- lost work: {dropped_jobs} job(s) dropped at submission (queue full or closed), "
             f"{abandoned} attack run(s) abandoned at close"
         )
-    failures = [r for r in rows if r.get("status") in ("error", "timeout")]
+    failures = [r for r in rows if r.get("status") in ("error", "timeout", "skipped")]
     if failures:
         out += ["", "## Failures", ""]
         for r in failures[:10]:
