@@ -23,6 +23,17 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _rejected_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``"; 1 more claimed but rejected as mixtures"`` where an attack verified its claims
+    (``info["claimed"]`` vs ``recovered``; see ``analytic``), else ``""``."""
+    rejected = 0
+    for r in rows:
+        info = r.get("info")
+        if isinstance(info, Mapping) and isinstance(info.get("claimed"), int):
+            rejected += info["claimed"] - int(r.get("recovered") or 0)
+    return f"; {rejected} more claimed but rejected as mixtures" if rejected else ""
+
+
 def image_successes(row: Mapping[str, Any], success_ssim: float) -> tuple[int, int]:
     """(images this scored row reconstructed successfully, images behind the update)."""
     total = int(row.get("batch_size") or 1)
@@ -60,7 +71,8 @@ def round_leakage(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str]) -> 
             text = f"{attack} {len(ok)} unscored"
             claims = [r["recovered"] for r in ok if r.get("recovered") is not None]
             if claims:
-                text += f" (claims {sum(claims)}/{sum(r['batch_size'] for r in ok)} exact)"
+                text += f" (claims {sum(claims)}/{sum(r['batch_size'] for r in ok)} exact"
+                text += _rejected_text(ok) + ")"
         else:
             text = f"{attack} -"
         fails = {s: sum(r.get("status") == s for r in mine) for s in STATUSES[1:]}
@@ -139,6 +151,7 @@ def verdicts(
                 if claims:
                     total = sum(int(r.get("batch_size") or 1) for r in a_rows)
                     text += f", claims exact recovery of {sum(claims)}/{total} images"
+                    text += _rejected_text(a_rows)
                 losses = [r.get("loss") for r in a_rows if r.get("loss") is not None]
                 if losses:
                     text += f", median final attack loss {statistics.median(losses):.3g}"
