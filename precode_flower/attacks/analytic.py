@@ -246,7 +246,16 @@ def verify_claims(found: Tensor, *, blend_tol: float = 1e-4) -> tuple[list[int],
     return verified, sorted(rejected)
 
 
-@register("analytic", memory=analytic_memory)
+def analytic_applies(model: nn.Module, input_shape: Sequence[int]) -> str | None:
+    """None if some ``nn.Linear`` takes the flattened image, else why the attack cannot apply."""
+    try:
+        choose_layer(model, input_shape, None)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@register("analytic", memory=analytic_memory, applies=analytic_applies)
 def analytic(
     model: nn.Module,
     gradients: list[Tensor],

@@ -192,7 +192,7 @@ class UpdateMatcher:
         return distance(dot.sum(), sq.sum(), self.target_sq, self.cost)
 
 
-@register("fedavg", memory=unrolled_memory)
+@register("fedavg", memory=unrolled_memory, inputs="weights")
 def fedavg(
     model: nn.Module,
     gradients: list[Tensor],

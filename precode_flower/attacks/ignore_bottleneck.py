@@ -42,7 +42,15 @@ def matched_parameters(model: nn.Module, input_shape: Sequence[int]) -> list[str
     return names
 
 
-@register("ignore-bottleneck", memory=gradient_matching_memory)
+def _applies(model: nn.Module, input_shape: Sequence[int]) -> str | None:
+    try:
+        matched_parameters(model, input_shape)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@register("ignore-bottleneck", memory=gradient_matching_memory, applies=_applies)
 def ignore_bottleneck(
     model: nn.Module,
     gradients: list[Tensor],

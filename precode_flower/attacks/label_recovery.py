@@ -172,7 +172,7 @@ def labels_or_recover(
     return recover_labels(model, gradients, batch_size, input_shape=input_shape), True
 
 
-@register("labels", memory=label_memory)
+@register("labels", memory=label_memory, outputs=("labels",))
 def label_attack(
     model: nn.Module,
     gradients: list[Tensor],

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import ATTACKS
 from ..attacks import memory as attack_memory
+from ..attacks.base import spec
 from .budget import GB, default_memory_budget, estimate, gb, memory_case
 from .files import _json_safe, _private_open, _read_rows, _save_private, latest_rows, private_dir
 from .grids import write_grid
@@ -181,7 +182,8 @@ class LeakageAuditor:
         budget = default_memory_budget() if memory_gb is None else int(memory_gb * GB)
         #: Bytes each worker may add to its idle size (None: unknown, nothing is limited).
         self.worker_memory = None if budget is None else budget // workers
-        self._footprints: dict[int, tuple[Any, Any]] = {}  # id(factory) -> (factory, footprint)
+        # id(factory) -> (factory, footprint, reasons attacks do not apply)
+        self._footprints: dict[int, tuple[Any, Any, dict[str, str]]] = {}
 
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -256,10 +258,10 @@ class LeakageAuditor:
         does not fit in ``max_pending`` is dropped (logged, counted, ``dropped`` rows).
         """
         snapshots = [(job, _snapshot(job)) for job in jobs]  # copies outside the lock
-        estimates = [self._estimate(payload) for _, payload in snapshots]
+        estimates = [self._estimate(payload) for _, payload in snapshots]  # and applicability
         accepted = []
         with self._lock:
-            for (job, payload), memory in zip(snapshots, estimates, strict=True):
+            for (job, payload), (memory, why_not) in zip(snapshots, estimates, strict=True):
                 meta = {
                     "round": int(job.round),
                     "client": job.client,
@@ -283,7 +285,12 @@ class LeakageAuditor:
                         self._record({**meta, "attack": attack}, _failed("dropped", why))
                     accepted.append(False)
                     continue
-                runs = [a for a in self.attacks if not self._over_budget(meta, a, memory[a])]
+                runs = [
+                    a
+                    for a in self.attacks
+                    if not self._inapplicable(meta, a, why_not.get(a))
+                    and not self._over_budget(meta, a, memory[a])
+                ]
                 accepted.append(True)
                 if not runs:
                     continue
@@ -305,33 +312,52 @@ class LeakageAuditor:
             self._changed.notify_all()
         return accepted
 
-    def _estimate(self, payload: dict[str, Any]) -> dict[str, int | None]:
-        """Each configured attack's estimated peak bytes on this job (None: no estimate).
+    def _estimate(self, payload: dict[str, Any]) -> tuple[dict[str, int | None], dict[str, str]]:
+        """Each configured attack's estimated peak bytes on this job (None: no estimate), and
+        why attacks do not apply to its model (their declared applicability tests).
 
         Measures the model's footprint with a dry pass of two examples (a factory's model is
         built once per factory); a model that cannot be measured runs under the hard limit
         only, with a warning.
         """
-        spec = payload["model"]
+        model_spec = payload["model"]
+        shape = payload["input_shape"]
+
+        def measure(model: torch.nn.Module) -> tuple[Any, dict[str, str]]:
+            reasons = {a: spec(a).why_not(model, shape) for a in self.attacks}
+            fp = attack_memory.footprint(model, shape)
+            return fp, {a: why for a, why in reasons.items() if why}
+
         try:
-            if isinstance(spec, torch.nn.Module):
-                fp = attack_memory.footprint(spec, payload["input_shape"])
+            if isinstance(model_spec, torch.nn.Module):
+                fp, why_not = measure(model_spec)
             else:
-                cached = self._footprints.get(id(spec))
-                if cached is None or cached[0] is not spec:
-                    cached = (spec, attack_memory.footprint(spec(), payload["input_shape"]))
-                    self._footprints[id(spec)] = cached
-                fp = cached[1]
+                cached = self._footprints.get(id(model_spec))
+                if cached is None or cached[0] is not model_spec:
+                    cached = (model_spec, *measure(model_spec()))
+                    self._footprints[id(model_spec)] = cached
+                fp, why_not = cached[1], cached[2]
         except Exception as e:  # the attacks will fail on it too, with their own message
             log.warning("audit: cannot estimate attack memory (%s: %s)", type(e).__name__, e)
-            return dict.fromkeys(self.attacks)
+            return dict.fromkeys(self.attacks), {}
         out: dict[str, int | None] = {}
         for attack in self.attacks:
             options = dict(self._options[attack])
             if self.iterations is not None:
                 options.setdefault("iterations", self.iterations)
             out[attack] = estimate(attack, memory_case(payload, fp, options))
-        return out
+        return out, why_not
+
+    def _inapplicable(self, meta: dict[str, Any], attack: str, why: str | None) -> bool:
+        """Whether ``attack`` declared it does not apply to the job's model; if so an
+        ``error`` row with its reason is written at once, no worker involved (lock held)."""
+        if why is None:
+            return False
+        log.warning(
+            "audit: %s on round %s client %s: %s", attack, meta["round"], meta["client"], why
+        )
+        self._record({**meta, "attack": attack}, _failed("error", why))
+        return True
 
     def _over_budget(self, meta: dict[str, Any], attack: str, memory: int | None) -> bool:
         """Whether a run's estimate exceeds a worker's share; if so it is logged ``skipped``

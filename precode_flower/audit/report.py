@@ -8,6 +8,8 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..attacks.base import reconstructs_images
+
 #: Row statuses in ``leakage.jsonl``.
 STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "dropped", "skipped")
 #: Default SSIM from which a reconstruction counts as a successful attack.
@@ -37,7 +39,7 @@ def _rejected_text(rows: Sequence[Mapping[str, Any]]) -> str:
 def image_successes(row: Mapping[str, Any], success_ssim: float) -> tuple[int, int]:
     """(images this scored row reconstructed successfully, images behind the update)."""
     total = int(row.get("batch_size") or 1)
-    if row.get("attack") == "labels":  # no images: the leak is the labels themselves
+    if not reconstructs_images(str(row.get("attack"))):  # the leak is the labels themselves
         acc = row.get("label_accuracy")
         return (round(acc * total) if acc is not None else 0), total
     per_image = row.get("per_image")
@@ -65,7 +67,7 @@ def round_leakage(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str]) -> 
             ssim = _mean(r.get("ssim") for r in scored)
             if ssim is not None:
                 text += f" ssim {ssim:.2f}"
-            elif attack == "labels":
+            elif not reconstructs_images(attack):
                 text += f" label-acc {_fmt(_mean(r.get('label_accuracy') for r in scored))}"
         elif ok:
             text = f"{attack} {len(ok)} unscored"
@@ -117,12 +119,13 @@ def verdicts(
                 hits = [image_successes(r, success_ssim) for r in a_rows]
                 k, n = sum(h for h, _ in hits), sum(t for _, t in hits)
                 ssim = _mean(r.get("ssim") for r in a_rows)
-                if attack != "labels" and ssim is not None and (best is None or ssim > best[1]):
+                images = reconstructs_images(attack)
+                if images and ssim is not None and (best is None or ssim > best[1]):
                     best = (attack, ssim)
-                if k and attack == "labels":
+                if k and not images:
                     acc = _mean(r.get("label_accuracy") for r in a_rows)
                     leaks.append(
-                        f"labels recovered the labels of {k}/{n} audited images "
+                        f"{attack} recovered the labels of {k}/{n} audited images "
                         f"(label accuracy {_fmt(acc)})"
                     )
                 elif k:
@@ -228,7 +231,7 @@ def summarize(
             scored = [r for r in mine if r.get("status") == "ok" and r.get("scored")]
             hits = [image_successes(r, success_ssim) for r in scored]
             rate = f"{sum(h for h, _ in hits)}/{sum(n for _, n in hits)}" if scored else "n/a"
-            images = attack != "labels"  # the label attack reconstructs no image
+            images = reconstructs_images(attack)  # a label attack reconstructs no image
             psnr = _mean(r.get("psnr") for r in scored) if images else None
             ssim = _mean(r.get("ssim") for r in scored) if images else None
             acc = _mean(r.get("label_accuracy") for r in scored)

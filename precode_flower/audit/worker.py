@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS
+from ..attacks.base import spec
 from .budget import apply_hard_limit, gb, is_out_of_memory
 from .jobs import copy_model
 
@@ -45,14 +46,15 @@ def attack_inputs(
 ) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
     """(tensors to pass as ``gradients``, extra options, whether they are pseudo-gradients).
 
-    ``fedavg`` inverts a weight update; the gradient attacks need gradients. A FedSGD gradient
+    An attack declared with ``inputs="weights"`` (``fedavg``) inverts a weight update; the
+    gradient attacks need gradients. A FedSGD gradient
     is the weight update of one step at lr 1 (with the sign flipped); a FedAvg update of ``s``
     steps at learning rate ``lr`` is approximated by the pseudo-gradient
     ``-(new - old) / (lr * s)`` (exact for one full-batch step of plain SGD).
     """
     update: dict[str, Tensor] = payload["update"]
     kind = payload["kind"]
-    if attack == "fedavg":
+    if spec(attack).inputs == "weights":
         if kind == "weights":
             opts = {
                 "local_steps": payload["local_steps"],
