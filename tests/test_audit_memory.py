@@ -151,3 +151,78 @@ def test_attack_cli_skips_an_attack_over_its_memory_budget(
     assert line["attack"] == "analytic" and "exceeds the budget of 0.01 GB" in line["skipped"]
     soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
     assert soft == resource.RLIM_INFINITY  # the CLI's hard limit is lifted when it returns
+
+
+#: Bound on the whole process tree's memory (proportional set size, summed) of the audited
+#: simulation below: server, Ray (GCS, raylet, client actors) and the audit worker; measured
+#: 3.4 GB (2026-12-03). Before the budget its analytic worker alone grew to 23 GB (OOM-killed).
+TREE_BOUND_GB = 6.0
+
+
+def _tree_pss(sid: int) -> int:
+    from precode_flower.processes import session_pids
+
+    total = 0
+    for pid in session_pids(sid):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except OSError:
+            continue  # gone meanwhile
+    return total
+
+
+@pytest.fixture(scope="module")
+def audited_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, int, int]:
+    """Issue 23's command (3 clients, 2 rounds, PRECODE MLP at batch 1, analytic on every
+    client), run once: (out dir, log, exit status, process-tree peak PSS in bytes)."""
+    import os
+    import subprocess
+    import sys
+
+    from precode_flower.processes import stop_sessions
+
+    root = Path(__file__).resolve().parents[1]
+    tmp = tmp_path_factory.mktemp("audited")
+    out = tmp / "run"
+    cmd = [
+        sys.executable, str(root / "simulate.py"), "--clients", "3", "--rounds", "2",
+        "--model", "mlp", "--batch-size", "1", "--defense", "precode", "--audit", "analytic",
+        "--audit-clients", "3", "--out", str(out),
+    ]  # fmt: skip
+    log_path = tmp / "simulate.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, cwd=root, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        peak = 0
+        try:
+            deadline = time.monotonic() + 900
+            while proc.poll() is None and time.monotonic() < deadline:
+                peak = max(peak, _tree_pss(proc.pid))
+                time.sleep(0.5)
+        finally:
+            stop_sessions([proc.pid], grace=8)
+    return out, log_path.read_text(), proc.returncode, peak
+
+
+@pytest.mark.slow
+def test_audited_default_run_stays_bounded_and_no_worker_is_killed(audited_run) -> None:  # noqa: ANN001
+    out, text, code, peak = audited_run
+    assert code == 0, text[-3000:]
+    rows = _rows(out)
+    assert rows and all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
+    assert peak < TREE_BOUND_GB * (1 << 30), f"process tree peaked at {peak / (1 << 30):.2f} GB"
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="the default FedAvg training of a PRECODE MLP at batch 1 diverges until issue 23.3's "
+    "training defaults land (another branch); remove this mark then",
+)
+def test_audited_default_run_gets_no_nan_reply(audited_run) -> None:  # noqa: ANN001
+    _, text, code, _ = audited_run
+    assert code == 0
+    assert "contains NaN" not in text, "clients sent NaN weights"
