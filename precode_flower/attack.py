@@ -14,6 +14,13 @@ loss. A failing attack prints ``{"error": ...}`` for that batch instead and the 
 on; the exit status is then 1. ``grid.png`` (owner-only permissions: reconstructions are
 private data) in ``--out`` shows the originals and each attack's matched reconstructions.
 Labels are recovered from the gradient unless ``--known-labels``.
+
+Memory: each attack's registered estimate (:mod:`precode_flower.attacks.memory`) is checked
+against ``--memory-gb`` (default: half the memory available at start) before it runs on a
+batch; one above it prints ``{"skipped": ...}`` with both numbers instead (exit status 1).
+The attacks then run under that budget as a hard limit (``RLIMIT_DATA`` above the size
+reached once the data and model are loaded), so an underestimate fails that attack with an
+out-of-memory error instead of the kernel's OOM killer.
 """
 
 from __future__ import annotations
@@ -33,6 +40,9 @@ from tqdm.auto import tqdm
 
 from . import data, metrics, models, plotting, training
 from .attacks import ATTACKS, reconstruct
+from .attacks import memory as attack_memory
+from .attacks.base import spec
+from .audit import budget
 from .defenses import DEFENSES, DefenseParams, apply_model_defenses
 from .private import private_dir
 
@@ -93,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--out", type=Path, default=Path("runs/attack"))
     p.add_argument("--success-ssim", type=float, default=metrics.SUCCESS_SSIM)
+    p.add_argument(
+        "--memory-gb",
+        type=float,
+        default=None,
+        help="memory the attacks may use, in GB (default: half the memory available at start)",
+    )
     return p
 
 
@@ -115,6 +131,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--images must be >= 1")
     if args.iterations is not None and args.iterations < 1:
         parser.error("--iterations must be >= 1")
+    if args.memory_gb is not None and not (0 < args.memory_gb < float("inf")):
+        parser.error("--memory-gb must be a positive number of GB")
     if args.latent_dim < 1:
         parser.error(f"--latent-dim must be >= 1, got {args.latent_dim}")
     if not 0 <= args.seed <= 2**63 - 1:
@@ -210,6 +228,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         training.train(model, bundle.train, steps=args.train_steps, seed=args.seed, progress=True)
 
     common = {"dataset": args.dataset, "model": args.model, "defense": args.defense}
+    limit = (
+        budget.default_memory_budget()
+        if args.memory_gb is None
+        else int(args.memory_gb * budget.GB)
+    )
+    fp = attack_memory.footprint(model, bundle.input_shape)
     batches = [indices[i : i + args.batch_size] for i in range(0, len(indices), args.batch_size)]
     originals = [x_test[idx] for idx in batches]
     grid: dict[str, list[torch.Tensor]] = {a: [] for a in args.attacks}
@@ -221,38 +245,49 @@ def main(argv: Sequence[str] | None = None) -> int:
             options: dict[str, Any] = {}
             if args.iterations is not None and _accepts(ATTACKS[name], "iterations"):
                 options["iterations"] = args.iterations
+            case = attack_memory.MemoryCase(
+                fp, len(idx), tuple(bundle.input_shape), options=options, scored=True
+            )
+            need = attack_memory.estimate_memory(spec(name).memory, case)
+            if limit is not None and need > limit:
+                failed += 1
+                why = (
+                    f"estimated peak memory {budget.gb(need)} GB exceeds the budget of "
+                    f"{budget.gb(limit)} GB (--memory-gb)"
+                )
+                _emit({**common, "attack": name, "batch": b, "indices": idx, "skipped": why})
+                grid[name].append(torch.zeros_like(originals[b]))
+                continue
             try:
-                result = reconstruct(
-                    name,
-                    model,
-                    grads,
-                    labels=y if args.known_labels else None,
-                    input_shape=bundle.input_shape,
-                    mean=bundle.mean,
-                    std=bundle.std,
-                    batch_size=len(idx),
-                    seed=args.seed,
-                    **options,
-                )
-                scores = metrics.score(
-                    result,
-                    x.cpu(),
-                    y.cpu(),
-                    bundle.mean,
-                    bundle.std,
-                    success_ssim=args.success_ssim,
-                )
+                # The attack (and its scoring) under the budget as a hard limit (CPU),
+                # restored after: main() may run in-process.
+                with budget.hard_limit(limit if device.type == "cpu" else None):
+                    result = reconstruct(
+                        name,
+                        model,
+                        grads,
+                        labels=y if args.known_labels else None,
+                        input_shape=bundle.input_shape,
+                        mean=bundle.mean,
+                        std=bundle.std,
+                        batch_size=len(idx),
+                        seed=args.seed,
+                        **options,
+                    )
+                    scores = metrics.score(
+                        result,
+                        x.cpu(),
+                        y.cpu(),
+                        bundle.mean,
+                        bundle.std,
+                        success_ssim=args.success_ssim,
+                    )
             except Exception as err:  # noqa: BLE001 - report and go on with the other attacks
                 failed += 1
-                _emit(
-                    {
-                        **common,
-                        "attack": name,
-                        "batch": b,
-                        "indices": idx,
-                        "error": f"{type(err).__name__}: {err}",
-                    }
-                )
+                error = f"{type(err).__name__}: {err}"
+                if budget.is_out_of_memory(err):
+                    error = f"out of memory (--memory-gb {budget.gb(limit)}): {error[:300]}"
+                _emit({**common, "attack": name, "batch": b, "indices": idx, "error": error})
                 grid[name].append(torch.zeros_like(originals[b]))
                 continue
             grid[name].append(result.images[torch.as_tensor(scores["match"])])

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .attacks.base import AttackResult
+from .attacks.memory import MATCH_CHUNK_ELEMENTS
 from .data import denormalize
 
 PSNR_CAP = 200.0
@@ -126,17 +127,31 @@ def match(
     Solves the assignment problem (scipy's ``linear_sum_assignment``) on the pairwise cost
     ``-SSIM`` (default) or MSE, in pixel space. Needs as many reconstructions as originals.
     """
+    if by not in ("ssim", "mse"):
+        raise ValueError(f"match: by must be 'ssim' or 'mse', got {by!r}")
     a, b = _pair(recon, originals, mean, std)
     n = len(b)
-    # Row i of the cost: original i against every reconstruction j.
-    rec = a.unsqueeze(0).expand(n, -1, -1, -1, -1).reshape(n * n, *a.shape[1:])
-    org = b.unsqueeze(1).expand(-1, n, -1, -1, -1).reshape(n * n, *b.shape[1:])
-    if by == "ssim":
-        cost = -_ssim_pixels(rec, org)
-    elif by == "mse":
-        cost = (rec - org).pow(2).flatten(1).mean(1)
-    else:
-        raise ValueError(f"match: by must be 'ssim' or 'mse', got {by!r}")
+    # Identical reconstructions (an attack's blank, unrecovered slots) have identical costs:
+    # compare each distinct one once.
+    uniq, inverse = torch.unique(a.flatten(1), dim=0, return_inverse=True)
+    uniq = uniq.view(-1, *a.shape[1:])
+    u = len(uniq)
+    # Row i of the cost: original i against every distinct reconstruction, a few rows at a
+    # time: all pairs at once would take n * n images (and SSIM ~100 tensors of that size),
+    # 23 GB for a 200-example update.
+    rows_per_chunk = max(1, MATCH_CHUNK_ELEMENTS // max(1, u * a[0].numel()))
+    cost = torch.empty(n, u)
+    for start in range(0, n, rows_per_chunk):
+        k = min(rows_per_chunk, n - start)
+        rec = uniq.unsqueeze(0).expand(k, -1, -1, -1, -1).reshape(k * u, *a.shape[1:])
+        org = b[start : start + k].unsqueeze(1).expand(-1, u, -1, -1, -1)
+        org = org.reshape(k * u, *b.shape[1:])
+        if by == "ssim":
+            part = -_ssim_pixels(rec, org)
+        else:
+            part = (rec - org).pow(2).flatten(1).mean(1)
+        cost[start : start + k] = part.view(k, u)
+    cost = cost[:, inverse]
     from scipy.optimize import linear_sum_assignment  # lazy: scipy is a heavy import
 
     rows, cols = linear_sum_assignment(cost.view(n, n).double().numpy())

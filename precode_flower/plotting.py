@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from torch import Tensor
 
+from .attacks.base import reconstructs_images
 from .metrics import to_pixels
 
 if TYPE_CHECKING:
@@ -129,7 +130,7 @@ def plot_leakage(
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, label) in zip(axes, panels, strict=True):
         for attack in attacks:
-            if key in ("ssim", "psnr") and attack == "labels":
+            if key in ("ssim", "psnr") and not reconstructs_images(attack):
                 continue  # recovers labels only: no image to score
             by_round: dict[int, list[float]] = {}
             for r in use:

@@ -807,6 +807,13 @@ def add_audit_args(parser: argparse.ArgumentParser, *, simulation: bool) -> None
     )
     g.add_argument("--audit-device", default="cpu", help="device of the attacks (cpu, cuda)")
     g.add_argument(
+        "--audit-memory-gb",
+        type=_positive(float),
+        default=None,
+        help="memory the attacks may use, in GB (default: half the memory available at "
+        "start); a run estimated above it is skipped, a worker exceeding it fails that run",
+    )
+    g.add_argument(
         "--audit-wait",
         type=_positive(float),
         default=600.0,
@@ -847,6 +854,7 @@ def audit_from_args(
         iterations=args.audit_iterations,
         time_limit=args.audit_time_limit,
         device=args.audit_device,
+        memory_gb=getattr(args, "audit_memory_gb", None),
         seed=getattr(args, "seed", 0),
         append=bool(getattr(args, "resume", None)),  # a resumed run keeps its earlier rows
     )
@@ -868,6 +876,7 @@ def audit_run_config(args: argparse.Namespace) -> dict[str, bool | int | float |
         "audit-time-limit": args.audit_time_limit or 0.0,
         "audit-device": args.audit_device,
         "audit-wait": args.audit_wait,
+        "audit-memory-gb": getattr(args, "audit_memory_gb", None) or 0.0,
     }
 
 
@@ -895,6 +904,7 @@ def audit_from_run_config(
         audit_time_limit=number("audit-time-limit", float, None),
         audit_device=str(config.get("audit-device") or "cpu"),
         audit_wait=number("audit-wait", float, 600.0),
+        audit_memory_gb=number("audit-memory-gb", float, None),
         seed=seed,
         resume=_truthy(config.get("resume", False)),
     )

@@ -42,6 +42,7 @@ def test_pyproject_declares_the_flower_app_and_every_run_config_key() -> None:
         "audit-time-limit",
         "audit-device",
         "audit-wait",
+        "audit-memory-gb",
     }
 
 

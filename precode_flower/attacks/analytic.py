@@ -14,7 +14,13 @@ For a Linear layer ``z = W x + b`` and any loss, ``dW = sum_b delta_b x_b^T`` an
   do not repeat. A group counts as recovered when it has at least ``min_rows`` rows and
   its image lies in the valid pixel box (after de-normalisation, up to ``box_slack``).
   Recovered images fill the first slots; the rest are zeros (the dataset mean) and are
-  listed in ``info["filled_slots"]``. ``recovered`` is the number of distinct images.
+  listed in ``info["filled_slots"]``. A group can also agree on a blend of examples that
+  are active in the same rows with proportional error signals (same label); every claim
+  that is a convex combination of other claims is rejected as such a blend
+  (:func:`verify_claims`). ``recovered`` is the number of distinct images that pass;
+  ``info`` reports ``claimed``, ``verified``, ``rejected_mixtures`` and ``not_recovered``
+  separately. A blend whose parents are not both claimed cannot be told from an image by
+  this check (without ground truth it then counts as verified).
   The slot order is not the batch order (see :func:`precode_flower.metrics.match`).
 
 Options:
@@ -31,6 +37,8 @@ Options:
         with nearly equal weights occasionally agreed too and were claimed as images.
     min_rows: rows a group needs before it is trusted, for B > 1 (2).
     box_slack: allowed excursion outside [0, 1] in pixel units, for B > 1 (1e-3).
+    blend_tol: RMS distance (normalised units) below which a claim counts as a mixture of
+        other claims (1e-4; exact blends are ~1e-8 off, distinct images ~0.3).
 
 Labels: the given ones, else :func:`~.label_recovery.recover_labels`.
 """
@@ -45,6 +53,7 @@ from torch import Tensor, nn
 
 from .base import AttackResult, Timer, register
 from .label_recovery import labels_or_recover
+from .memory import MemoryCase
 
 
 def _linear_inputs(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, bool]]:
@@ -161,7 +170,92 @@ def invert_linear(
     return torch.stack([images[j] for j in order]), [sizes[j] for j in order]
 
 
-@register("analytic")
+def analytic_memory(case: MemoryCase) -> int:
+    """Peak bytes: float64 copies of the inverted layer's weight gradient (the candidates
+    ``dW[k] / db[k]`` among them) and the rows' pairwise distances; nothing grows with the
+    batch but the images (counted by the caller)."""
+    linears = case.footprint.linears
+    out, inp = next(((o, i) for o, i, img in linears if img), linears[0][:2] if linears else (0, 0))
+    return 8 * (4 * out * inp + 4 * out * out)
+
+
+def _combination(
+    gram: Tensor, i: int, others: list[int], x: Tensor, *, convex: bool
+) -> tuple[Tensor, float]:
+    """Weights of the best combination (summing to one; non-negative if ``convex``) of rows
+    ``others`` of ``x`` approximating row ``i``, and its RMS residual.
+
+    Solved in the small Gram space (``gram = x @ x.T``): the sum-to-one constraint is a
+    heavily weighted extra row, so nothing of size k x features is built per claim.
+    """
+    from scipy.optimize import nnls
+
+    lam2 = float(x.shape[1])  # the constraint row's weight, squared: a pixel-sum's scale
+    o = torch.as_tensor(others)
+    ata = gram[o][:, o] + lam2
+    atb = gram[o, i] + lam2
+    ata = ata + torch.eye(len(o), dtype=ata.dtype) * 1e-12 * float(ata.diagonal().max())
+    r = torch.linalg.cholesky(ata).T  # r.T @ r = ata
+    q = torch.linalg.solve_triangular(r.T, atb.unsqueeze(1), upper=False).squeeze(1)
+    if convex:
+        w = torch.from_numpy(nnls(r.numpy(), q.numpy())[0])
+    else:
+        w = torch.linalg.solve_triangular(r, q.unsqueeze(1), upper=True).squeeze(1)
+    residual = x[i] - w @ x[o]
+    return w, float(residual.pow(2).mean().sqrt())
+
+
+def verify_claims(found: Tensor, *, blend_tol: float = 1e-4) -> tuple[list[int], list[int]]:
+    """Split claimed recoveries into verified ones and rejected blends.
+
+    A group of rows can agree on a mixture: when two examples are active in the same rows
+    with proportional error signals (same label, similar activations), every such row gives
+    the same convex blend, which passes the grouping and the pixel box. A blend is a convex
+    combination of the claims it mixes, so a claim within ``blend_tol`` (RMS, normalised
+    units; exact blends are ~1e-8 off, distinct images ~0.3) of a convex combination of the
+    other claims is rejected, weakest-supported first (``found`` is sorted by support). A
+    claim that is still an affine combination of the remaining ones (an extrapolated mixture
+    whose parents cannot be told from it) is not verified either.
+
+    Returns (indices of verified claims, indices of rejected claims).
+    """
+    k = len(found)
+    if k < 2:
+        return list(range(k)), []
+    x = found.detach().double().flatten(1).cpu()
+    gram = x @ x.T
+    kept = list(range(k))
+    rejected: list[int] = []
+    changed = True
+    while changed and len(kept) > 2:
+        changed = False
+        for i in reversed(kept):  # weakest support first
+            others = [j for j in kept if j != i]
+            if _combination(gram, i, others, x, convex=True)[1] < blend_tol:
+                kept.remove(i)
+                rejected.append(i)
+                changed = True
+                break
+    verified = []
+    for i in kept:
+        others = [j for j in kept if j != i]
+        if len(others) >= 2 and _combination(gram, i, others, x, convex=False)[1] < blend_tol:
+            rejected.append(i)
+        else:
+            verified.append(i)
+    return verified, sorted(rejected)
+
+
+def analytic_applies(model: nn.Module, input_shape: Sequence[int]) -> str | None:
+    """None if some ``nn.Linear`` takes the flattened image, else why the attack cannot apply."""
+    try:
+        choose_layer(model, input_shape, None)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@register("analytic", memory=analytic_memory, applies=analytic_applies)
 def analytic(
     model: nn.Module,
     gradients: list[Tensor],
@@ -177,6 +271,7 @@ def analytic(
     tol: float = 1e-5,
     min_rows: int = 2,
     box_slack: float = 1e-3,
+    blend_tol: float = 1e-4,
 ) -> AttackResult:
     """Exact recovery of a Linear layer's input; see the module docstring."""
     with Timer() as timer:
@@ -201,6 +296,9 @@ def analytic(
             min_rows=min_rows,
             valid=in_box if is_image else None,
         )
+        claimed = len(found)
+        verified, rejected = verify_claims(found, blend_tol=blend_tol)
+        found, sizes = found[verified], [sizes[i] for i in verified]
         labels, labels_recovered = labels_or_recover(
             model, gradients, labels, batch_size, input_shape
         )
@@ -210,6 +308,12 @@ def analytic(
         "rows_per_image": sizes,
         "filled_slots": list(range(k, batch_size)),
         "labels_recovered": labels_recovered,
+        # What it could and could not recover: groups of agreeing rows found (claimed),
+        # those that passed the mixture check (verified, = recovered), the rest.
+        "claimed": claimed,
+        "verified": k,
+        "rejected_mixtures": len(rejected),
+        "not_recovered": batch_size - k,
     }
     images = torch.zeros(batch_size, *input_shape)
     if is_image:

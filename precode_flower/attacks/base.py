@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from ..precode import BOTTLENECK_TYPES
+from .memory import MemoryEstimator, generic_memory
 
 Gradients = Sequence[Tensor] | Mapping[str, Tensor]
 
@@ -55,19 +56,86 @@ class Attack(Protocol):
     ) -> AttackResult: ...
 
 
+InputKind = Literal["gradients", "weights"]
+#: What an attack can return: reconstructed images, labels.
+OUTPUTS: tuple[str, ...] = ("images", "labels")
+#: ``applies(model, input_shape)``: None if the attack applies to the model, else why not.
+Applicability = Callable[[nn.Module, Sequence[int]], str | None]
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """What the registry knows of an attack besides its function; callers (the auditor,
+    plotting, benchmarks) read these declarations instead of comparing attack names.
+
+    Attributes:
+        name: registry name.
+        fn: the attack.
+        memory: its peak-memory estimator (:mod:`.memory`); an attack registered without
+            one gets :func:`~.memory.generic_memory`, a deliberately safe default.
+        inputs: ``"gradients"`` (a FedSGD gradient; a weight update is turned into a
+            pseudo-gradient for it) or ``"weights"`` (the weight update itself, with the
+            client's local training as the options ``local_steps``, ``local_lr`` and
+            ``local_batch_size``).
+        outputs: which of :data:`OUTPUTS` it returns (images are scored, labels counted).
+        applies: its applicability test, or None (applies to every model).
+    """
+
+    name: str
+    fn: Attack
+    memory: MemoryEstimator = generic_memory
+    inputs: InputKind = "gradients"
+    outputs: frozenset[str] = frozenset(OUTPUTS)
+    applies: Applicability | None = None
+
+    def why_not(self, model: nn.Module, input_shape: Sequence[int]) -> str | None:
+        """None if the attack applies to ``model``, else the reason (one line)."""
+        return None if self.applies is None else self.applies(model, input_shape)
+
+
 ATTACKS: dict[str, Attack] = {}
+#: name -> :class:`AttackSpec`, kept in step with :data:`ATTACKS` by :func:`register`.
+SPECS: dict[str, AttackSpec] = {}
 
 
-def register(name: str) -> Callable[[Attack], Attack]:
-    """Class/function decorator adding an attack to :data:`ATTACKS` under ``name``."""
+def register(
+    name: str,
+    *,
+    memory: MemoryEstimator | None = None,
+    inputs: InputKind = "gradients",
+    outputs: Iterable[str] = OUTPUTS,
+    applies: Applicability | None = None,
+) -> Callable[[Attack], Attack]:
+    """Class/function decorator adding an attack to :data:`ATTACKS` under ``name``, with its
+    declarations (see :class:`AttackSpec`). Adding an attack is its module plus this."""
+    outs = frozenset(outputs)
+    if inputs not in ("gradients", "weights"):
+        raise ValueError(f"attack {name!r}: inputs must be 'gradients' or 'weights'")
+    if not outs or not outs <= set(OUTPUTS):
+        raise ValueError(f"attack {name!r}: outputs must be a non-empty subset of {OUTPUTS}")
 
     def deco(fn: Attack) -> Attack:
         if name in ATTACKS:
             raise ValueError(f"attack {name!r} is registered twice")
         ATTACKS[name] = fn
+        SPECS[name] = AttackSpec(name, fn, memory or generic_memory, inputs, outs, applies)
         return fn
 
     return deco
+
+
+def spec(name: str) -> AttackSpec:
+    """The :class:`AttackSpec` of ``name`` (one is made for an attack put in
+    :data:`ATTACKS` by hand, with the defaults)."""
+    if name not in SPECS or SPECS[name].fn is not ATTACKS[name]:
+        SPECS[name] = AttackSpec(name, ATTACKS[name])
+    return SPECS[name]
+
+
+def reconstructs_images(name: str) -> bool:
+    """Whether attack ``name`` returns images to score (True for a name not registered here,
+    e.g. in rows of an earlier run)."""
+    return name not in ATTACKS or "images" in spec(name).outputs
 
 
 def as_gradient_list(model: nn.Module, gradients: Gradients) -> list[Tensor]:

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from ..precode import precode_loss
 from .base import AttackResult, Timer, register, select_parameters
 from .label_recovery import labels_or_recover
+from .memory import lbfgs_memory
 
 
 @contextlib.contextmanager
@@ -77,7 +78,7 @@ def gradient_distance(
     return total
 
 
-@register("dlg")
+@register("dlg", memory=lbfgs_memory)
 def dlg(
     model: nn.Module,
     gradients: list[Tensor],

@@ -74,6 +74,7 @@ from ..local_training import LocalTraining, unrolled_update
 from .base import AttackResult, Timer, register, select_parameters
 from .gradient_matching import COSTS, Cost, attack_session, distance
 from .ig import IGOptions, optimise_restarts, pixel_box, resolve_labels, restart_info
+from .memory import unrolled_memory
 
 
 @dataclass
@@ -203,7 +204,7 @@ class UpdateMatcher:
         return distance(dot.sum(), sq.sum(), self.target_sq, self.cost)
 
 
-@register("fedavg")
+@register("fedavg", memory=unrolled_memory, inputs="weights")
 def fedavg(
     model: nn.Module,
     gradients: list[Tensor],

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 
 from .base import AttackResult, Timer, register, select_parameters
 from .gradient_matching import COSTS, BNStats, GradientMatcher, total_variation
+from .memory import gradient_matching_memory
 
 Layers = Iterable[str] | Callable[[str], bool] | None
 StopWhen = Callable[[int, Tensor], bool]
@@ -354,7 +355,7 @@ def _optimise(
     return float(final.detach()), x.detach(), done, stopped
 
 
-@register("ig")
+@register("ig", memory=gradient_matching_memory)
 def ig(
     model: nn.Module,
     gradients: list[Tensor],

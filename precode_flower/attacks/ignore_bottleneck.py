@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..precode import bottlenecks
 from .base import AttackResult, parameters_before_bottleneck, register
 from .ig import IGOptions, run_ig
+from .memory import gradient_matching_memory
 
 
 def matched_parameters(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
@@ -41,7 +42,15 @@ def matched_parameters(model: nn.Module, input_shape: Sequence[int]) -> list[str
     return names
 
 
-@register("ignore-bottleneck")
+def _applies(model: nn.Module, input_shape: Sequence[int]) -> str | None:
+    try:
+        matched_parameters(model, input_shape)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@register("ignore-bottleneck", memory=gradient_matching_memory, applies=_applies)
 def ignore_bottleneck(
     model: nn.Module,
     gradients: list[Tensor],

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 
 from ..precode import find_classifier
 from .base import AttackResult, Gradients, Timer, as_gradient_list, register
+from .memory import label_memory
 
 Method = Literal["auto", "counts", "bias", "weight", "idlg"]
 METHODS: tuple[str, ...] = ("auto", "counts", "bias", "weight", "idlg")
@@ -181,7 +182,7 @@ def labels_or_recover(
     return recover_labels(model, gradients, batch_size, input_shape=input_shape), True
 
 
-@register("labels")
+@register("labels", memory=label_memory, outputs=("labels",))
 def label_attack(
     model: nn.Module,
     gradients: list[Tensor],

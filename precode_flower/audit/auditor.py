@@ -28,6 +28,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..attacks import ATTACKS
+from ..attacks import memory as attack_memory
+from ..attacks.base import spec
+from .budget import GB, default_memory_budget, estimate, gb, memory_case
 from .files import _json_safe, _private_open, _read_rows, _save_private, latest_rows, private_dir
 from .grids import write_grid
 from .jobs import AuditJob, _check_int, _client_key, _snapshot, task_seed, validate_attacks
@@ -44,6 +47,7 @@ class _Task:
     attack: str
     submitted: float
     started: float | None = None
+    memory: int | None = None  # estimated peak bytes (None: no estimate)
 
 
 @dataclass
@@ -60,6 +64,7 @@ class _Worker:
     ready: bool = False
     task: _Task | None = None
     job_id: int | None = None  # the job whose payload the worker holds
+    limit: int | None = None  # its hard memory limit, as the worker reported it
 
 
 @dataclass
@@ -93,6 +98,13 @@ class LeakageAuditor:
             leaves contended CPUs to training: the audit then slows rounds little and lags
             behind them instead (measured: "Auditor overhead" in docs/BENCHMARKS.md).
         seed: seeds client sampling and every attack.
+        memory_gb: memory the attacks may use, in GB, shared by the workers (each may add
+            ``memory_gb / workers`` to its idle size, ~1 GB). A run whose estimated peak
+            (each attack's registered estimator, :mod:`precode_flower.attacks.memory`)
+            exceeds a worker's share is not run but logged as ``skipped`` with both numbers;
+            the workers run under that share as a hard limit (:mod:`.budget`), so a run that
+            needs more fails with an out-of-memory error. None: :data:`.budget.
+            DEFAULT_MEMORY_FRACTION` of the memory available at start.
         attack_options: extra options per attack, e.g. ``{"ig": {"lr": 0.1}}``.
         progress: show a progress bar while :meth:`close` waits.
         print_summary: print the summary when :meth:`close` writes it.
@@ -120,6 +132,7 @@ class LeakageAuditor:
         threads: int = 1,
         nice: int = 19,
         seed: int = 0,
+        memory_gb: float | None = None,
         attack_options: Mapping[str, Mapping[str, Any]] | None = None,
         progress: bool = True,
         print_summary: bool = True,
@@ -141,6 +154,10 @@ class LeakageAuditor:
         _check_int("workers", workers, 1)
         _check_int("threads", threads, 1)
         _check_int("nice", nice, 0)
+        if memory_gb is not None and not (
+            isinstance(memory_gb, int | float) and math.isfinite(memory_gb) and memory_gb > 0
+        ):
+            raise ValueError(f"memory_gb must be a positive number of GB, got {memory_gb!r}")
         try:
             dev = torch.device(device)
         except RuntimeError as e:
@@ -162,6 +179,11 @@ class LeakageAuditor:
         self.progress = progress
         self.print_summary = print_summary
         self._options = {a: dict((attack_options or {}).get(a, {})) for a in self.attacks}
+        budget = default_memory_budget() if memory_gb is None else int(memory_gb * GB)
+        #: Bytes each worker may add to its idle size (None: unknown, nothing is limited).
+        self.worker_memory = None if budget is None else budget // workers
+        # id(factory) -> (factory, footprint, reasons attacks do not apply)
+        self._footprints: dict[int, tuple[Any, Any, dict[str, str]]] = {}
 
         # Absolute: the paths are logged and written into the summary.
         self.out_dir = Path(out_dir).resolve()
@@ -242,9 +264,10 @@ class LeakageAuditor:
         does not fit in ``max_pending`` is dropped (logged, counted, ``dropped`` rows).
         """
         snapshots = [(job, _snapshot(job)) for job in jobs]  # copies outside the lock
+        estimates = [self._estimate(payload) for _, payload in snapshots]  # and applicability
         accepted = []
         with self._lock:
-            for job, payload in snapshots:
+            for (job, payload), (memory, why_not) in zip(snapshots, estimates, strict=True):
                 meta = {
                     "round": int(job.round),
                     "client": job.client,
@@ -281,22 +304,100 @@ class LeakageAuditor:
                         self._record({**meta, "attack": attack}, _failed("dropped", why))
                     accepted.append(False)
                     continue
+                runs = [
+                    a
+                    for a in self.attacks
+                    if not self._inapplicable(meta, a, why_not.get(a))
+                    and not self._over_budget(meta, a, memory[a])
+                ]
+                accepted.append(True)
+                if not runs:
+                    continue
                 job_id = next(self._ids)
                 now = time.time()
-                self._jobs[job_id] = _Job(meta, payload, remaining=len(self.attacks))
+                self._jobs[job_id] = _Job(meta, payload, remaining=len(runs))
                 state = self._rounds[meta["round"]]
-                state.outstanding += len(self.attacks)
+                state.outstanding += len(runs)
                 state.norm = (payload["mean"], payload["std"])
                 state.widths[str(job.client)] = meta["batch_size"]
                 if payload["ground_truth"] is not None and payload["truth_kind"] == "batch":
                     path = self.recon_dir / f"round{job.round:04d}_client{job.client}_original.pt"
                     _save_private(payload["ground_truth"][0], path)
                     state.originals[str(job.client)] = path
-                for attack in self.attacks:
-                    self._queue.append(_Task(next(self._ids), job_id, attack, now))
-                accepted.append(True)
+                for attack in runs:
+                    self._queue.append(
+                        _Task(next(self._ids), job_id, attack, now, None, memory[attack])
+                    )
             self._changed.notify_all()
         return accepted
+
+    def _estimate(self, payload: dict[str, Any]) -> tuple[dict[str, int | None], dict[str, str]]:
+        """Each configured attack's estimated peak bytes on this job (None: no estimate), and
+        why attacks do not apply to its model (their declared applicability tests).
+
+        Measures the model's footprint with a dry pass of two examples (a factory's model is
+        built once per factory); a model that cannot be measured runs under the hard limit
+        only, with a warning.
+        """
+        model_spec = payload["model"]
+        shape = payload["input_shape"]
+
+        def measure(model: torch.nn.Module) -> tuple[Any, dict[str, str]]:
+            reasons = {a: spec(a).why_not(model, shape) for a in self.attacks}
+            fp = attack_memory.footprint(model, shape)
+            return fp, {a: why for a, why in reasons.items() if why}
+
+        try:
+            if isinstance(model_spec, torch.nn.Module):
+                fp, why_not = measure(model_spec)
+            else:
+                cached = self._footprints.get(id(model_spec))
+                if cached is None or cached[0] is not model_spec:
+                    cached = (model_spec, *measure(model_spec()))
+                    self._footprints[id(model_spec)] = cached
+                fp, why_not = cached[1], cached[2]
+        except Exception as e:  # the attacks will fail on it too, with their own message
+            log.warning("audit: cannot estimate attack memory (%s: %s)", type(e).__name__, e)
+            return dict.fromkeys(self.attacks), {}
+        out: dict[str, int | None] = {}
+        for attack in self.attacks:
+            options = dict(self._options[attack])
+            if self.iterations is not None:
+                options.setdefault("iterations", self.iterations)
+            out[attack] = estimate(attack, memory_case(payload, fp, options))
+        return out, why_not
+
+    def _inapplicable(self, meta: dict[str, Any], attack: str, why: str | None) -> bool:
+        """Whether ``attack`` declared it does not apply to the job's model; if so an
+        ``error`` row with its reason is written at once, no worker involved (lock held)."""
+        if why is None:
+            return False
+        log.warning(
+            "audit: %s on round %s client %s: %s", attack, meta["round"], meta["client"], why
+        )
+        self._record({**meta, "attack": attack}, _failed("error", why))
+        return True
+
+    def _over_budget(self, meta: dict[str, Any], attack: str, memory: int | None) -> bool:
+        """Whether a run's estimate exceeds a worker's share; if so it is logged ``skipped``
+        (lock held)."""
+        if memory is None or self.worker_memory is None or memory <= self.worker_memory:
+            return False
+        why = (
+            f"estimated peak memory {gb(memory)} GB exceeds the audit's budget of "
+            f"{gb(self.worker_memory)} GB per worker (--audit-memory-gb)"
+        )
+        log.warning(
+            "audit: skipped %s on round %s client %s: %s",
+            attack,
+            meta["round"],
+            meta["client"],
+            why,
+        )
+        result = _failed("skipped", why)
+        result.update(memory_estimate_gb=gb(memory), memory_budget_gb=gb(self.worker_memory))
+        self._record({**meta, "attack": attack}, result)
+        return True
 
     def report_error(
         self, round: int, client: int | str, error: str, *, defense: str = "none", **meta: Any
@@ -429,6 +530,9 @@ class LeakageAuditor:
             "default iterations" if self.iterations is None else f"{self.iterations} iterations",
             "no time limit" if self.time_limit is None else f"{self.time_limit:g} s per attack",
             f"device {self.device}",
+            "no memory budget"
+            if self.worker_memory is None
+            else f"memory budget {gb(self.worker_memory)} GB per worker",
         ]
         return ", ".join(parts)
 
@@ -468,6 +572,7 @@ class LeakageAuditor:
             "attack": task.attack,
             "submitted_at": task.submitted,
             "queued_seconds": (task.started or time.time()) - task.submitted,
+            "memory_estimate_gb": gb(task.memory),
         }
         self._record(meta, result, images)
         job.remaining -= 1
@@ -516,7 +621,7 @@ class LeakageAuditor:
         parent, child = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(
             target=_worker_main,
-            args=(child, self.device, self._threads, self._nice),
+            args=(child, self.device, self._threads, self._nice, self.worker_memory),
             name="leakage-auditor-worker",
             daemon=True,
         )
@@ -568,7 +673,16 @@ class LeakageAuditor:
                     options.setdefault("iterations", self.iterations)
                 module = getattr(ATTACKS[task.attack], "__module__", None)
                 seed = task_seed(self.seed, job.meta["round"], job.meta["client"], task.attack)
-                run = ("run", task.id, task.attack, module, options, seed, self.success_ssim)
+                run = (
+                    "run",
+                    task.id,
+                    task.attack,
+                    module,
+                    options,
+                    seed,
+                    self.success_ssim,
+                    task.memory,
+                )
             try:
                 if send_job:
                     worker.job_id = None
@@ -596,6 +710,7 @@ class LeakageAuditor:
                         msg = worker.conn.recv()
                         if msg[0] == "ready":
                             worker.ready = True
+                            worker.limit = msg[2] if len(msg) > 2 else None
                             self._changed.notify_all()
                         elif msg[0] == "result" and worker.task and msg[1] == worker.task.id:
                             task, worker.task = worker.task, None
@@ -611,6 +726,12 @@ class LeakageAuditor:
                 if worker.task is not None:
                     task, worker.task = worker.task, None
                     why = f"worker process died (exit code {code}; out of memory?)"
+                    if worker.limit is not None:
+                        why = (
+                            f"worker process died (exit code {code}) under its hard memory "
+                            f"limit of {gb(self.worker_memory)} GB beyond its idle size "
+                            f"(estimate {gb(task.memory)} GB): likely out of memory"
+                        )
                     log.warning("audit: %s while running %s", why, task.attack)
                     self._finish(task, _failed("error", why))
                 self._replace(worker)

@@ -8,8 +8,10 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from ..attacks.base import reconstructs_images
+
 #: Row statuses in ``leakage.jsonl``.
-STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "dropped")
+STATUSES: tuple[str, ...] = ("ok", "error", "timeout", "dropped", "skipped")
 #: Default SSIM from which a reconstruction counts as a successful attack.
 DEFAULT_SUCCESS_SSIM = 0.6
 
@@ -23,10 +25,21 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _rejected_text(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``"; 1 more claimed but rejected as mixtures"`` where an attack verified its claims
+    (``info["claimed"]`` vs ``recovered``; see ``analytic``), else ``""``."""
+    rejected = 0
+    for r in rows:
+        info = r.get("info")
+        if isinstance(info, Mapping) and isinstance(info.get("claimed"), int):
+            rejected += info["claimed"] - int(r.get("recovered") or 0)
+    return f"; {rejected} more claimed but rejected as mixtures" if rejected else ""
+
+
 def image_successes(row: Mapping[str, Any], success_ssim: float) -> tuple[int, int]:
     """(images this scored row reconstructed successfully, images behind the update)."""
     total = int(row.get("batch_size") or 1)
-    if row.get("attack") == "labels":  # no images: the leak is the labels themselves
+    if not reconstructs_images(str(row.get("attack"))):  # the leak is the labels themselves
         acc = row.get("label_accuracy")
         return (round(acc * total) if acc is not None else 0), total
     per_image = row.get("per_image")
@@ -54,13 +67,14 @@ def round_leakage(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str]) -> 
             ssim = _mean(r.get("ssim") for r in scored)
             if ssim is not None:
                 text += f" ssim {ssim:.2f}"
-            elif attack == "labels":
+            elif not reconstructs_images(attack):
                 text += f" label-acc {_fmt(_mean(r.get('label_accuracy') for r in scored))}"
         elif ok:
             text = f"{attack} {len(ok)} unscored"
             claims = [r["recovered"] for r in ok if r.get("recovered") is not None]
             if claims:
-                text += f" (claims {sum(claims)}/{sum(r['batch_size'] for r in ok)} exact)"
+                text += f" (claims {sum(claims)}/{sum(r['batch_size'] for r in ok)} exact"
+                text += _rejected_text(ok) + ")"
         else:
             text = f"{attack} -"
         fails = {s: sum(r.get("status") == s for r in mine) for s in STATUSES[1:]}
@@ -89,7 +103,9 @@ def verdicts(
         ok = [r for r in mine if r.get("status") == "ok"]
         scored = [r for r in ok if r.get("scored")]
         failed = len(mine) - len(ok)
-        fail_note = f" ({failed} attack runs failed, timed out or were dropped)" if failed else ""
+        fail_note = (
+            f" ({failed} attack runs failed, timed out, were dropped or skipped)" if failed else ""
+        )
         if not mine:
             lines.append(f"NOTHING AUDITED {under}.")
         elif not ok:
@@ -103,9 +119,10 @@ def verdicts(
                 hits = [image_successes(r, success_ssim) for r in a_rows]
                 k, n = sum(h for h, _ in hits), sum(t for _, t in hits)
                 ssim = _mean(r.get("ssim") for r in a_rows)
-                if attack != "labels" and ssim is not None and (best is None or ssim > best[1]):
+                images = reconstructs_images(attack)
+                if images and ssim is not None and (best is None or ssim > best[1]):
                     best = (attack, ssim)
-                if k and attack == "labels":
+                if k and not images:
                     acc = _mean(r.get("label_accuracy") for r in a_rows)
                     base = _mean(r.get("label_baseline") for r in a_rows)
                     if acc is not None and base is not None and acc <= base:
@@ -116,7 +133,7 @@ def verdicts(
                         )
                         continue
                     leaks.append(
-                        f"labels recovered the labels of {k}/{n} audited images "
+                        f"{attack} recovered the labels of {k}/{n} audited images "
                         f"(label accuracy {_fmt(acc)}"
                         + (f"; even-count guess {_fmt(base)})" if base is not None else ")")
                     )
@@ -147,6 +164,7 @@ def verdicts(
                 if claims:
                     total = sum(int(r.get("batch_size") or 1) for r in a_rows)
                     text += f", claims exact recovery of {sum(claims)}/{total} images"
+                    text += _rejected_text(a_rows)
                 losses = [r.get("loss") for r in a_rows if r.get("loss") is not None]
                 if losses:
                     text += f", median final attack loss {statistics.median(losses):.3g}"
@@ -264,10 +282,10 @@ def summarize(
         "",
         "## Per attack",
         "",
-        "| defense | attack | runs | ok | error | timeout | dropped | images recovered "
+        "| defense | attack | runs | ok | error | timeout | dropped | skipped | images recovered "
         "| mean PSNR (dB) "
         "| mean SSIM | label acc. | mean s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     all_defenses = list(defenses or dict.fromkeys(str(r.get("defense", "none")) for r in rows))
     for defense in all_defenses:
@@ -283,14 +301,15 @@ def summarize(
             scored = [r for r in mine if r.get("status") == "ok" and r.get("scored")]
             hits = [image_successes(r, success_ssim) for r in scored]
             rate = f"{sum(h for h, _ in hits)}/{sum(n for _, n in hits)}" if scored else "n/a"
-            images = attack != "labels"  # the label attack reconstructs no image
+            images = reconstructs_images(attack)  # a label attack reconstructs no image
             psnr = _mean(r.get("psnr") for r in scored) if images else None
             ssim = _mean(r.get("ssim") for r in scored) if images else None
             acc = _mean(r.get("label_accuracy") for r in scored)
             secs = _mean(r.get("seconds") for r in mine if r.get("status") == "ok")
             out.append(
                 f"| {defense} | {attack} | {len(mine)} | {count['ok']} | {count['error']} | "
-                f"{count['timeout']} | {count['dropped']} | {rate} | {_fmt(psnr, '.1f')} | "
+                f"{count['timeout']} | {count['dropped']} | {count['skipped']} | {rate} | "
+                f"{_fmt(psnr, '.1f')} | "
                 f"{_fmt(ssim)} | {_fmt(acc)} | {_fmt(secs, '.1f')} |"
             )
     out += ["", "## Outputs", ""]
@@ -310,7 +329,7 @@ def summarize(
             f"- lost work: {dropped_jobs} job(s) dropped at submission (queue full or closed), "
             f"{abandoned} attack run(s) abandoned at close"
         )
-    failures = [r for r in rows if r.get("status") in ("error", "timeout")]
+    failures = [r for r in rows if r.get("status") in ("error", "timeout", "skipped")]
     if failures:
         out += ["", "## Failures", ""]
         for r in failures[:10]:

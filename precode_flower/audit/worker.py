@@ -19,7 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS
+from ..attacks.base import spec
 from ..local_training import LocalTraining
+from .budget import apply_hard_limit, gb, is_out_of_memory
 from .jobs import copy_model
 
 
@@ -45,9 +47,10 @@ def attack_inputs(
 ) -> tuple[dict[str, Tensor], dict[str, Any], bool]:
     """(tensors to pass as ``gradients``, extra options, whether they are pseudo-gradients).
 
-    ``fedavg`` inverts a weight update by unrolling the job's local training; the gradient
-    attacks need gradients. A FedSGD gradient is the weight update of one step at lr 1 (with
-    the sign flipped); a FedAvg update is turned into the pseudo-gradient
+    An attack declared with ``inputs="weights"`` (``fedavg``) inverts a weight update by
+    unrolling the job's local training; the gradient attacks need gradients. A FedSGD
+    gradient is the weight update of one step at lr 1 (with the sign flipped); a FedAvg
+    update is turned into the pseudo-gradient
     ``-(new - old) / (lr * s)``, ``s`` the training's effective step count
     (:meth:`LocalTraining.effective_steps`: the steps for plain SGD, more with momentum; exact
     for one full-batch step of plain SGD; a direction only for Adam).
@@ -55,7 +58,7 @@ def attack_inputs(
     update: dict[str, Tensor] = payload["update"]
     kind = payload["kind"]
     n = int(payload["batch_size"])
-    if attack == "fedavg":
+    if spec(attack).inputs == "weights":
         if kind == "weights":
             return update, {"training": payload["training"]}, False
         delta = {k: -v for k, v in update.items()}
@@ -173,8 +176,25 @@ def _prefer_oom_kill() -> None:
         pass  # not Linux, or /proc not writable: nothing to do
 
 
-def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None:
-    """Worker loop: hold one job's payload, run attacks on it, send rows back."""
+def _hard_limit(dev: torch.device, memory_limit: int | None) -> int | None:
+    """Put this worker under its hard memory limit (see :mod:`.budget`); the limit set."""
+    if memory_limit is None:
+        return None
+    if dev.type == "cuda":
+        # Device memory: torch's caching allocator raises OutOfMemoryError beyond this.
+        total = torch.cuda.get_device_properties(dev).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, memory_limit / total), dev)
+        return memory_limit
+    return apply_hard_limit(memory_limit)
+
+
+def _worker_main(
+    conn: Connection, device: str, threads: int, nice: int, memory_limit: int | None = None
+) -> None:
+    """Worker loop: hold one job's payload, run attacks on it, send rows back.
+
+    ``memory_limit``: bytes the worker may allocate beyond its idle size (None: no limit).
+    """
     torch.set_num_threads(threads)
     _prefer_oom_kill()
     dev = torch.device(device)
@@ -183,12 +203,14 @@ def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None
     from .. import metrics
 
     metrics.preload()
+    # Only now: the limit is the idle worker (torch, the scoring libraries) + the budget.
+    limit = _hard_limit(dev, memory_limit)
 
     if nice and hasattr(os, "nice"):
         # Training first: attacks take the CPU time that training leaves. Only now, so that a
         # busy machine does not starve the worker's start-up.
         os.nice(nice)
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), limit))
     payload: dict[str, Any] | None = None
     model: nn.Module | None = None
     while True:
@@ -201,8 +223,9 @@ def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None
         if msg[0] == "job":
             payload, model = msg[2], None
             continue
-        _, task_id, attack, module, options, seed, success_ssim = msg
+        _, task_id, attack, module, options, seed, success_ssim, estimate = msg
         images = None
+        out_of_memory = False
         try:
             if attack not in ATTACKS and module:  # registered outside the package: import it
                 importlib.import_module(module)
@@ -212,12 +235,29 @@ def _worker_main(conn: Connection, device: str, threads: int, nice: int) -> None
                 model = _build_model(payload, dev)
             row, images = _run_attack(payload, model, attack, options, seed, success_ssim)
         except Exception as e:  # a failing attack is a result, not a worker crash
+            out_of_memory = is_out_of_memory(e)
+            error = f"{type(e).__name__}: {e}"
+            if out_of_memory:
+                limit_text = (
+                    "more memory than there was"
+                    if memory_limit is None
+                    else f"more than the worker's hard limit of {gb(memory_limit)} GB"
+                )
+                error = (
+                    f"out of memory: the attack needed {limit_text} (its estimate was "
+                    f"{gb(estimate)} GB; --audit-memory-gb): {error.splitlines()[0][:300]}"
+                )
             row = {
                 "status": "error",
-                "error": f"{type(e).__name__}: {e}",
+                "error": error,
                 "traceback": traceback.format_exc(limit=-6),
             }
         try:
             conn.send(("result", task_id, row, images))
         except Exception as e:  # e.g. an unpicklable info value
             conn.send(("result", task_id, {"status": "error", "error": f"unsendable: {e}"}, None))
+        if out_of_memory:
+            # A fresh worker (the auditor starts one) instead of a fragmented heap; at once:
+            # the interpreter's orderly teardown of torch took seconds on a busy machine.
+            conn.close()
+            os._exit(0)
