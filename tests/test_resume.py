@@ -161,7 +161,7 @@ def test_bad_checkpoints_are_refused_and_nothing_is_loaded(
     # Another run's checkpoint: the settings that differ are named.
     path.write_bytes(data)
     other = task.RunConfig(mode="fedavg", clients=2, rounds=2, local_steps=1, lr=0.2)
-    with pytest.raises(CheckpointError, match=r"lr: 0\.05 -> 0\.2") as err:
+    with pytest.raises(CheckpointError, match=r"lr: 0\.01 -> 0\.2") as err:
         run_federation(inprocess_grid(client_app, 2), other, out, progress=False, resume=True)
     cases.append(
         ("checkpoint of another config", "resume with `--lr 0.2` instead of 0.05", err.value)
