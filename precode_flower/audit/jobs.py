@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from torch import Tensor, nn
 
 from ..attacks import ATTACKS
 from ..local_training import LocalTraining
+from ..model_source import copy_module as copy_model
 
 UpdateKind = Literal["gradients", "weights"]
 
@@ -97,20 +97,6 @@ def validate_attacks(attacks: Sequence[str] | str) -> tuple[str, ...]:
 def _check_int(name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def copy_model(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy`` that skips cached non-leaf tensors (e.g. a bottleneck's last KL).
-
-    Deep-copying a tensor that is part of an autograd graph is an error in torch; such
-    attributes are per-forward caches, so the copy gets None instead.
-    """
-    memo: dict[int, Any] = {}
-    for module in model.modules():
-        for value in vars(module).values():
-            if isinstance(value, Tensor) and value.grad_fn is not None:
-                memo[id(value)] = None
-    return copy.deepcopy(model, memo)
 
 
 def _snapshot(job: AuditJob) -> dict[str, Any]:
