@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import data, metrics, models, plotting, training
+from . import data, metrics, models, plotting, settings, training
 from .attacks import ATTACKS, reconstruct
 from .attacks import memory as attack_memory
 from .attacks.base import spec
@@ -48,6 +48,10 @@ from .private import private_dir
 
 #: Defenses that change the model (the others act on updates, which this tool does not send).
 MODEL_DEFENSES = ("none", *(n for n, d in DEFENSES.items() if d.model is not None))
+#: Their parameters (DefenseParams fields), each a flag declared where the field is.
+MODEL_DEFENSE_PARAMS = tuple(
+    dict.fromkeys(p for d in DEFENSES.values() if d.model is not None for p in d.params)
+)
 
 DEFAULT_ATTACKS = ("analytic", "ig")
 
@@ -84,8 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="state dict to attack (e.g. a run's model.pt; same --model/--defense/--dataset)",
     )
-    p.add_argument("--latent-dim", type=int, default=256, help="PRECODE latent size K")
-    p.add_argument("--beta", type=float, default=1e-3, help="PRECODE KL weight")
     p.add_argument(
         "--attack",
         action="append",
@@ -108,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="memory the attacks may use, in GB (default: half the memory available at start)",
+    )
+    settings.add_arguments(
+        p, DefenseParams, only=MODEL_DEFENSE_PARAMS, titles={"training": "model defenses"}
     )
     return p
 
@@ -133,8 +138,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--iterations must be >= 1")
     if args.memory_gb is not None and not (0 < args.memory_gb < float("inf")):
         parser.error("--memory-gb must be a positive number of GB")
-    if args.latent_dim < 1:
-        parser.error(f"--latent-dim must be >= 1, got {args.latent_dim}")
     if not 0 <= args.seed <= 2**63 - 1:
         parser.error(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     if args.train_steps < 0:
@@ -219,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     model = models.build(args.model, bundle.num_classes, bundle.input_shape)
-    params = DefenseParams(latent_dim=args.latent_dim, beta=args.beta)
+    params = settings.from_namespace(DefenseParams, args)
     model = apply_model_defenses(model, [args.defense], params, bundle.input_shape)
     if args.weights is not None:
         load_weights(model, args.weights)

@@ -38,20 +38,27 @@ Presets (:data:`PRESETS`) are names for combinations (``dp-precode-early`` is
 ``precode-early`` + ``dp-client``); :func:`parse_defenses` expands them.
 
 Adding a defense (e.g. a ``precode-early`` preset) means adding one :class:`Defense` to
-:data:`DEFENSES` in this module; nothing else needs to change.
+:data:`DEFENSES` in this module; nothing else needs to change. Adding a parameter means
+adding one field to :class:`DefenseParams` (or :class:`DpParams`), declared with
+:func:`precode_flower.settings.setting`, and naming it in the :attr:`Defense.params` of the
+defenses that read it: :class:`precode_flower.task.RunConfig` inherits the field, so its
+run-config key, ``simulate.py`` / ``server.py`` flag, check and ``pyproject.toml`` line
+(regenerate that with :func:`precode_flower.settings.toml_lines`) follow from it, and the
+attack CLI gets a flag for the parameters of model defenses.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from . import settings
 from .models import ConvNet
 from .precode import extend
+from .settings import setting
 
 __all__ = [
     "DEFENSES",
@@ -74,33 +81,26 @@ __all__ = [
 
 @dataclass(frozen=True)
 class DefenseParams:
-    """Parameters shared by the defenses (each reads only its own).
+    """Parameters of the model and update defenses; each defense reads only the fields it
+    names in :attr:`Defense.params`.
 
-    Attributes:
-        latent_dim: PRECODE latent size K.
-        beta: PRECODE KL weight.
-        clip: L2 bound C of the whole update for ``noise``.
-        sigma: noise multiplier: the Gaussian std is ``sigma * clip``.
-        prune_rate: fraction in [0, 1) of update entries zeroed by ``prune``.
+    Declared once, here: :class:`precode_flower.task.RunConfig` inherits these fields, so each
+    is also a run-config key, a flag and a ``pyproject.toml`` line (and, for a model
+    defense, a flag of ``python -m precode_flower.attack``). Values are checked on
+    construction (:func:`precode_flower.settings.validate`; ValueError naming the key).
     """
 
-    latent_dim: int = 256
-    beta: float = 1e-3
-    clip: float = 1.0
-    sigma: float = 0.01
-    prune_rate: float = 0.9
+    latent_dim: int = setting(256, "PRECODE latent size K", low=1)
+    beta: float = setting(1e-3, "PRECODE KL weight", low=0)
+    #: ``noise``: L2 bound C of the whole update; the Gaussian std is ``sigma * clip``.
+    clip: float = setting(1.0, "noise defense: L2 clipping bound C", low=0, low_open=True)
+    sigma: float = setting(0.01, "noise defense: std = sigma * C", low=0)
+    prune_rate: float = setting(
+        0.9, "prune defense: fraction zeroed", low=0, high=1, high_open=True
+    )
 
     def __post_init__(self) -> None:
-        if self.latent_dim < 1:
-            raise ValueError(f"latent-dim must be >= 1, got {self.latent_dim}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if not self.clip > 0:
-            raise ValueError(f"clip must be > 0, got {self.clip}")
-        if self.sigma < 0:
-            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
-        if not 0.0 <= self.prune_rate < 1.0:
-            raise ValueError(f"prune-rate must be a fraction in [0, 1), got {self.prune_rate}")
+        settings.validate(self)
 
 
 #: How ``dp-server`` / ``dp-client`` clip: one fixed norm, or Andrew et al.'s adaptive norm.
@@ -111,43 +111,28 @@ DP_CLIPPING: tuple[str, ...] = ("fixed", "adaptive")
 class DpParams:
     """Parameters of ``dp-server`` / ``dp-client`` (Flower's central DP wrappers).
 
-    Attributes:
-        noise_multiplier: z; the aggregate gets N(0, (z * C / n)^2) per entry, for n sampled
-            clients and clipping norm C (0: clipping only, no guarantee).
-        clip: C, the L2 bound of each client's update (adaptive: the initial bound).
-        clipping: ``fixed`` or ``adaptive``.
-        delta: the delta at which epsilon is reported.
-        quantile: adaptive: Flower's ``target_clipped_quantile`` (see docs/PRIVACY.md).
-        clip_lr: adaptive: the geometric learning rate of the bound.
-        count_stddev: adaptive: std of the noise on the clipped count (0: Flower's default,
-            sampled clients / 20).
+    Declared once, like :class:`DefenseParams` (RunConfig inherits them; the field name is
+    the run-config key). ``dp_noise`` is z: the aggregate gets N(0, (z * C / n)^2) per
+    entry, for n sampled clients and clipping norm C = ``dp_clip``; ``dp_quantile``,
+    ``dp_clip_lr`` and ``dp_count_stddev`` are the adaptive clipping's
+    ``target_clipped_quantile``, ``clip_norm_lr`` and ``clipped_count_stddev`` in Flower
+    (see docs/PRIVACY.md).
     """
 
-    noise_multiplier: float = 1.0
-    clip: float = 1.0
-    clipping: str = "fixed"
-    delta: float = 1e-5
-    quantile: float = 0.5
-    clip_lr: float = 0.2
-    count_stddev: float = 0.0
+    dp_noise: float = setting(1.0, "DP noise multiplier z (0: clipping only)", low=0)
+    dp_clip: float = setting(1.0, "DP clipping norm C (adaptive: initial)", low=0, low_open=True)
+    dp_clipping: str = setting("fixed", "DP clipping of each client update", choices=DP_CLIPPING)
+    dp_delta: float = setting(
+        1e-5, "delta at which epsilon is reported", low=0, low_open=True, high=1, high_open=True
+    )
+    dp_quantile: float = setting(0.5, "adaptive clipping: target quantile", low=0, high=1)
+    dp_clip_lr: float = setting(0.2, "adaptive clipping: bound learning rate", low=0, low_open=True)
+    dp_count_stddev: float = setting(
+        0.0, "adaptive clipping: noise std on the clipped count", low=0, zero="sampled clients / 20"
+    )
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
-            raise ValueError(f"dp-noise must be >= 0, got {self.noise_multiplier}")
-        if not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"dp-clip must be > 0, got {self.clip}")
-        if self.clipping not in DP_CLIPPING:
-            raise ValueError(
-                f"unknown dp-clipping {self.clipping!r}; choose one of: {', '.join(DP_CLIPPING)}"
-            )
-        if not 0.0 < self.delta < 1.0:
-            raise ValueError(f"dp-delta must be in (0, 1), got {self.delta}")
-        if not 0.0 <= self.quantile <= 1.0:
-            raise ValueError(f"dp-quantile must be in [0, 1], got {self.quantile}")
-        if not (math.isfinite(self.clip_lr) and self.clip_lr > 0):
-            raise ValueError(f"dp-clip-lr must be > 0, got {self.clip_lr}")
-        if not (math.isfinite(self.count_stddev) and self.count_stddev >= 0):
-            raise ValueError(f"dp-count-stddev must be >= 0 (0 = n/20), got {self.count_stddev}")
+        settings.validate(self)
 
 
 ModelTransform = Callable[[nn.Module, DefenseParams, Sequence[int]], nn.Module]
@@ -156,13 +141,18 @@ UpdateTransform = Callable[[dict[str, Tensor], DefenseParams, torch.Generator], 
 
 @dataclass(frozen=True)
 class Defense:
-    """One registered defense: a model transform, an update transform, or both."""
+    """One registered defense: a model transform, an update transform, or both.
+
+    ``params``: the :class:`DefenseParams` fields its transforms read (the DP defenses read
+    all of :class:`DpParams`).
+    """
 
     name: str
     description: str
     model: ModelTransform | None = None
     update: UpdateTransform | None = None
     federation: bool = False  # acts in the Flower federation (strategies/privacy, secagg)
+    params: tuple[str, ...] = ()
 
 
 def clip_and_noise(
@@ -267,16 +257,19 @@ DEFENSES: dict[str, Defense] = {
             "PRECODE variational bottleneck before the classifier (latent-dim, beta; "
             "std = softplus, as in the paper)",
             model=_precode,
+            params=("latent_dim", "beta"),
         ),
         Defense(
             "noise",
             "clip the update to L2 norm `clip`, add Gaussian noise of std sigma*clip",
             update=_noise,
+            params=("clip", "sigma"),
         ),
         Defense(
             "prune",
             "zero the `prune-rate` fraction of smallest-magnitude update entries",
             update=_prune,
+            params=("prune_rate",),
         ),
         Defense(
             "precode-early",

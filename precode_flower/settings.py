@@ -9,7 +9,17 @@ the fields, so adding a setting touches its dataclass only:
 - :func:`add_arguments` / :func:`from_namespace`: command-line flags (``--some-name`` for
   field ``some_name``) and the dataclass built from parsed flags;
 - :func:`toml_lines`: the ``[tool.flwr.app.config]`` entries of ``pyproject.toml`` (a test
-  keeps the table there equal to them).
+  keeps the table there equal to them);
+- :func:`subset`: a smaller settings dataclass taken from a larger one by field name.
+
+Settings that belong to a component are declared on that component's dataclass and
+inherited: :class:`~precode_flower.task.RunConfig` inherits the defenses' parameters from
+:class:`~precode_flower.defenses.DefenseParams` and
+:class:`~precode_flower.defenses.DpParams` (fields in inheritance order, the base's
+first), and builds those back with :func:`subset`. So adding a defense parameter touches
+the defense and its dataclass only: the field is a run-config key, a flag, a check and a
+``pyproject.toml`` line without any other edit, and a test asserts that RunConfig declares
+no defense parameter of its own.
 
 Nothing here imports Flower or torch.
 """
@@ -20,9 +30,11 @@ import argparse
 import dataclasses
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 __all__ = [
     "Spec",
@@ -33,6 +45,7 @@ __all__ = [
     "key_of",
     "setting",
     "specs",
+    "subset",
     "toml_lines",
     "validate",
 ]
@@ -169,9 +182,11 @@ def add_arguments(
     *,
     defaults: dict[str, Any] | None = None,
     titles: dict[str, str] | None = None,
+    only: Collection[str] | None = None,
 ) -> None:
-    """One flag per setting of ``cls`` (``defaults``: other defaults by field name), in
-    argument groups named by :attr:`Spec.group` (``titles``: their ``--help`` headings).
+    """One flag per setting of ``cls`` (``defaults``: other defaults by field name; ``only``:
+    just these fields), in argument groups named by :attr:`Spec.group` (``titles``: their
+    ``--help`` headings).
 
     Every value is checked as it is parsed: a bad one is a one-line usage error (exit 2).
     """
@@ -179,7 +194,7 @@ def add_arguments(
     groups: dict[str, argparse._ArgumentGroup] = {}
     instance = cls()
     for f, spec in specs(cls):
-        if not spec.cli:
+        if not spec.cli or (only is not None and f.name not in only):
             continue
         if spec.group not in groups:
             groups[spec.group] = parser.add_argument_group(
@@ -226,6 +241,12 @@ def from_namespace(cls: type, args: argparse.Namespace, **overrides: Any) -> Any
         kwargs[f.name] = value
     kwargs.update(overrides)
     return cls(**kwargs)
+
+
+def subset(cls: type[T], source: Any) -> T:
+    """The ``cls`` made of the same-named fields of ``source`` (e.g. a RunConfig's
+    :class:`~precode_flower.defenses.DefenseParams`), checked as ``cls`` checks them."""
+    return cls(**{f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if f.init})
 
 
 def _toml_value(v: Any) -> str:

@@ -45,7 +45,6 @@ from . import data as data_mod
 from . import settings
 from .defenses import (
     DEFENSES,
-    DP_CLIPPING,
     PRESETS,
     DefenseParams,
     DpParams,
@@ -93,16 +92,10 @@ MAX_SEED = 2**63 - 1
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """All training settings of a run (the ConfigRecord sent each round).
-
-    Field ``some_name`` is key ``some-name`` in configs and flag ``--some-name``. Each field
-    is declared once with :func:`precode_flower.settings.setting` (help, bounds, choices):
-    the CLI flags, their checks and ``[tool.flwr.app.config]`` in pyproject.toml are derived
-    from it. ``defenses`` is a tuple of canonical names (a comma string in configs,
-    ``"none"`` when empty). Every value is checked on construction (ValueError naming the
-    key, in one line), so a setting that can never work is refused before a run starts.
-    """
+class _Setup:
+    """What a run trains, on which data, with which defenses: the first settings of
+    :class:`RunConfig`, a base class only so that they precede the defenses' parameters
+    (inherited after them) in flags, configs and ``pyproject.toml``."""
 
     mode: str = setting(
         "fedavg", "federated algorithm (FedSGD: clients send one gradient each)",
@@ -119,25 +112,24 @@ class RunConfig:
         parse=parse_defenses,
         flag="--defense",
     )
-    latent_dim: int = setting(256, "PRECODE latent size K", low=1)
-    beta: float = setting(1e-3, "PRECODE KL weight", low=0)
-    clip: float = setting(1.0, "noise defense: L2 clipping bound C", low=0, low_open=True)
-    sigma: float = setting(0.01, "noise defense: std = sigma * C", low=0)
-    prune_rate: float = setting(
-        0.9, "prune defense: fraction zeroed", low=0, high=1, high_open=True
-    )
-    # dp-server / dp-client (precode_flower.defenses.DpParams; Flower's DP wrappers).
-    dp_noise: float = setting(1.0, "DP noise multiplier z (0: clipping only)", low=0)
-    dp_clip: float = setting(1.0, "DP clipping norm C (adaptive: initial)", low=0, low_open=True)
-    dp_clipping: str = setting("fixed", "DP clipping of each client update", choices=DP_CLIPPING)
-    dp_delta: float = setting(
-        1e-5, "delta at which epsilon is reported", low=0, low_open=True, high=1, high_open=True
-    )
-    dp_quantile: float = setting(0.5, "adaptive clipping: target quantile", low=0, high=1)
-    dp_clip_lr: float = setting(0.2, "adaptive clipping: bound learning rate", low=0, low_open=True)
-    dp_count_stddev: float = setting(
-        0.0, "adaptive clipping: noise std on the clipped count", low=0, zero="sampled clients / 20"
-    )
+
+
+@dataclass(frozen=True)
+class RunConfig(DpParams, DefenseParams, _Setup):
+    """All training settings of a run (the ConfigRecord sent each round).
+
+    Field ``some_name`` is key ``some-name`` in configs and flag ``--some-name``. Each field
+    is declared once with :func:`precode_flower.settings.setting` (help, bounds, choices):
+    the CLI flags, their checks and ``[tool.flwr.app.config]`` in pyproject.toml are derived
+    from it. The defenses' parameters are declared on their own dataclasses and inherited
+    (:class:`~precode_flower.defenses.DefenseParams`, then
+    :class:`~precode_flower.defenses.DpParams`, after :class:`_Setup`'s fields): a new
+    one is a RunConfig key without any edit here. ``defenses`` is a tuple of canonical names
+    (a comma string in configs, ``"none"`` when empty). Every value is checked on
+    construction (ValueError naming the key, in one line), so a setting that can never work
+    is refused before a run starts.
+    """
+
     batch_size: int = setting(32, "examples per batch", low=1)
     local_epochs: float = setting(1.0, "FedAvg local epochs", low=0)
     local_steps: int = setting(0, "FedAvg local steps; > 0 overrides local-epochs", low=0)
@@ -193,8 +185,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         settings.validate(self)  # each value against its declared bounds and choices
-        _ = self.defense_params  # the defenses' own checks
-        _ = self.dp_params  # the dp-* keys' own checks
+        _ = self.defense_params, self.dp_params  # any checks of their own beyond the fields'
         check_federation_defenses(self.defenses, self.mode, self.model)
         if self.local_steps == 0 and not self.local_epochs > 0:
             raise ValueError(
@@ -225,19 +216,13 @@ class RunConfig:
 
     @property
     def defense_params(self) -> DefenseParams:
-        return DefenseParams(self.latent_dim, self.beta, self.clip, self.sigma, self.prune_rate)
+        """The parameters of the model and update defenses."""
+        return settings.subset(DefenseParams, self)
 
     @property
     def dp_params(self) -> DpParams:
-        return DpParams(
-            noise_multiplier=self.dp_noise,
-            clip=self.dp_clip,
-            clipping=self.dp_clipping,
-            delta=self.dp_delta,
-            quantile=self.dp_quantile,
-            clip_lr=self.dp_clip_lr,
-            count_stddev=self.dp_count_stddev,
-        )
+        """The parameters of ``dp-server`` / ``dp-client``."""
+        return settings.subset(DpParams, self)
 
     def to_config(self) -> dict[str, bool | int | float | str]:
         """The config as flat hyphenated key -> scalar (a valid Flower ConfigRecord/UserConfig)."""
@@ -335,7 +320,7 @@ def get_model(cfg: RunConfig, num_classes: int, input_shape: tuple[int, ...]) ->
     Building the network once per process (a Ray actor serves many rounds and clients)
     saves the initialisation cost; :func:`compute_update` always loads the full state.
     """
-    key = (cfg.model, num_classes, tuple(input_shape), cfg.defenses, cfg.latent_dim, cfg.beta)
+    key = (cfg.model, num_classes, tuple(input_shape), cfg.defenses, cfg.defense_params)
     if key not in _MODELS:
         _MODELS.clear()  # one architecture per process is the common case; bound the memory
         _MODELS[key] = build_model(cfg, num_classes, input_shape, seed=0)

@@ -149,7 +149,7 @@ class PrivacyReport:
 
 
 class PrivateStrategy(Strategy):
-    """Flower's DP wrapper (chosen by ``defense`` and ``params.clipping``) around ``strategy``
+    """Flower's DP wrapper (chosen by ``defense`` and ``params.dp_clipping``) around ``strategy``
     (a FedAvg weighting by :data:`DP_WEIGHT_KEY`), with uniform weights and accounting.
 
     ``num_sampled_clients``: the clients each round samples (the wrappers calibrate to it);
@@ -179,14 +179,14 @@ class PrivateStrategy(Strategy):
         self.num_sampled_clients = num_sampled_clients
         self.secagg = secagg
         server_side = defense == "dp-server"
-        z, n = params.noise_multiplier, num_sampled_clients
-        if params.clipping == "fixed":
+        z, n = params.dp_noise, num_sampled_clients
+        if params.dp_clipping == "fixed":
             cls = (
                 DifferentialPrivacyServerSideFixedClipping
                 if server_side
                 else DifferentialPrivacyClientSideFixedClipping
             )
-            self.dp: Strategy = cls(strategy, z, params.clip, n)
+            self.dp: Strategy = cls(strategy, z, params.dp_clip, n)
         else:
             cls = (
                 DifferentialPrivacyServerSideAdaptiveClipping
@@ -197,12 +197,12 @@ class PrivateStrategy(Strategy):
                 strategy,
                 z,
                 n,
-                initial_clipping_norm=params.clip,
-                target_clipped_quantile=params.quantile,
-                clip_norm_lr=params.clip_lr,
-                clipped_count_stddev=params.count_stddev or None,
+                initial_clipping_norm=params.dp_clip,
+                target_clipped_quantile=params.dp_quantile,
+                clip_norm_lr=params.dp_clip_lr,
+                clipped_count_stddev=params.dp_count_stddev or None,
             )
-        self.accountant = make_accountant(params.delta, population) if z > 0 else None
+        self.accountant = make_accountant(params.dp_delta, population) if z > 0 else None
         self.reports: dict[int, PrivacyReport] = {}
 
     # What the reply validator and the round loop read from the strategy: the clients still
@@ -223,7 +223,7 @@ class PrivateStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config[CLIPPING_KEY] = self.params.clipping  # which mod the client runs (dp-client)
+        config[CLIPPING_KEY] = self.params.dp_clipping  # which mod the client runs (dp-client)
         return self.dp.configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -282,7 +282,7 @@ class PrivateStrategy(Strategy):
     def _account(self, server_round: int, z_update: float, clip: float, aggregated: int) -> None:
         count = (
             float(self.dp.clipped_count_stddev)  # type: ignore[attr-defined]
-            if self.params.clipping == "adaptive"
+            if self.params.dp_clipping == "adaptive"
             else None
         )
         z = round_noise_multiplier(z_update, self.num_sampled_clients, aggregated, count)
@@ -290,13 +290,13 @@ class PrivateStrategy(Strategy):
         if self.accountant is not None and z > 0:
             pop = self.accountant.config.population_size
             self.accountant.compose(GaussianPrivacyEvent(z, min(aggregated, pop), pop))
-            epsilon = float(self.accountant.get_epsilon(self.params.delta))
+            epsilon = float(self.accountant.get_epsilon(self.params.dp_delta))
         elif self.accountant is not None:
             epsilon = math.inf
         releases = self.accountant.num_releases if self.accountant is not None else 0
         report = PrivacyReport(
             epsilon=None if epsilon is None or math.isinf(epsilon) else epsilon,
-            delta=self.params.delta,
+            delta=self.params.dp_delta,
             noise_multiplier=z,
             clipping_norm=clip,
             releases=releases,
@@ -318,7 +318,7 @@ class PrivateStrategy(Strategy):
             self.dp.clipping_norm = float(row["dp_next_clipping_norm"])
             self.reports[int(row["round"])] = PrivacyReport(
                 epsilon=row.get("dp_epsilon"),
-                delta=self.params.delta,
+                delta=self.params.dp_delta,
                 noise_multiplier=z,
                 clipping_norm=float(row["dp_clipping_norm"]),
                 releases=int(row["dp_releases"]),
@@ -346,7 +346,7 @@ class PrivateStrategy(Strategy):
         if report is None:
             done = [r for k, r in sorted(self.reports.items()) if k < server_round]
             epsilon = done[-1].epsilon if done else None
-            return {"dp_epsilon": epsilon, "dp_delta": self.params.delta, "dp_released": False}
+            return {"dp_epsilon": epsilon, "dp_delta": self.params.dp_delta, "dp_released": False}
         return {**report.row(), "dp_released": True}
 
     def privacy_summary(self) -> dict[str, Any]:
@@ -354,10 +354,10 @@ class PrivateStrategy(Strategy):
         last = self.reports[max(self.reports)] if self.reports else None
         return {
             "defense": self.defense,
-            "clipping": self.params.clipping,
-            "noise_multiplier": self.params.noise_multiplier,
-            "clipping_norm": self.params.clip,
-            "delta": self.params.delta,
+            "clipping": self.params.dp_clipping,
+            "noise_multiplier": self.params.dp_noise,
+            "clipping_norm": self.params.dp_clip,
+            "delta": self.params.dp_delta,
             "epsilon": last.epsilon if last else None,
             "releases": last.releases if last else 0,
             "accountant": "Flower RdpAccountant (dp-accounting RDP), client level, "

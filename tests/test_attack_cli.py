@@ -112,3 +112,24 @@ def test_weights_of_a_trained_preset_model_are_attacked(tmp_path: Path, capsys) 
     assert code == 0
     row = json.loads(capsys.readouterr().out.splitlines()[0])
     assert row["defense"] == "precode-early" and row["attack"] == "labels"
+
+
+def test_model_defense_flags_are_declared_on_defense_params() -> None:
+    """The attack CLI's defense flags are the model defenses' DefenseParams fields, with
+    their declared help, default and bounds (no copy of them here)."""
+    from precode_flower import settings
+    from precode_flower.defenses import DEFENSES, DefenseParams
+
+    read = {p for d in DEFENSES.values() if d.model is not None for p in d.params}
+    assert set(attack.MODEL_DEFENSE_PARAMS) == read and "latent_dim" in read
+    actions = {a.dest: a for a in attack.build_parser()._actions}
+    for f, spec in settings.specs(DefenseParams):
+        if f.name not in read:  # update defenses: this tool sends no update
+            assert f.name not in actions
+            continue
+        assert actions[f.name].help == settings.describe(spec)
+        assert actions[f.name].default == f.default
+    args = attack.build_parser().parse_args(["--latent-dim", "8", "--beta", "0.5"])
+    assert settings.from_namespace(DefenseParams, args) == DefenseParams(latent_dim=8, beta=0.5)
+    with pytest.raises(SystemExit):
+        attack.build_parser().parse_args(["--beta", "-1"])

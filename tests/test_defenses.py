@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -62,6 +63,13 @@ def test_registry_is_the_only_place_to_add_a_defense(monkeypatch) -> None:
 def test_defense_params_are_validated(kwargs) -> None:
     with pytest.raises(ValueError):
         d.DefenseParams(**kwargs)
+
+
+def test_each_defense_names_the_parameters_it_reads() -> None:
+    fields = [f.name for f in dataclasses.fields(d.DefenseParams)]
+    read = [p for defense in d.DEFENSES.values() for p in defense.params]
+    assert set(read) <= set(fields), "Defense.params names a field DefenseParams lacks"
+    assert set(fields) <= set(read), "a DefenseParams field that no defense reads"
 
 
 def test_clip_scales_to_the_bound_and_leaves_small_updates() -> None:

@@ -66,7 +66,7 @@ def _round(strategy, server_round: int, updates: list[list[float]], examples: li
     ],
 )
 def test_each_defense_is_flowers_wrapper(defense, clipping, cls, task_identity) -> None:
-    params = d.DpParams(noise_multiplier=0.5, clipping=clipping, count_stddev=1.0)
+    params = d.DpParams(dp_noise=0.5, dp_clipping=clipping, dp_count_stddev=1.0)
     s = privacy.PrivateStrategy(_fedavg(), defense, params, num_sampled_clients=2, population=2)
     assert type(s.dp) is cls and s.dp.strategy is s.base
 
@@ -74,7 +74,7 @@ def test_each_defense_is_flowers_wrapper(defense, clipping, cls, task_identity) 
 def test_server_side_clips_weights_uniformly_and_accounts_like_flowers_accountant(
     task_identity,
 ) -> None:
-    params = d.DpParams(noise_multiplier=0.8, clip=1.0, delta=1e-5)
+    params = d.DpParams(dp_noise=0.8, dp_clip=1.0, dp_delta=1e-5)
     s = privacy.PrivateStrategy(_fedavg(), "dp-server", params, num_sampled_clients=2, population=2)
     np.random.seed(0)
     epsilons = []
@@ -116,7 +116,7 @@ def test_fewer_replies_than_sampled_are_accounted_with_less_noise() -> None:
 
 
 def test_adaptive_epsilon_covers_the_count_release(task_identity) -> None:
-    params = d.DpParams(noise_multiplier=1.0, clipping="adaptive", count_stddev=2.0)
+    params = d.DpParams(dp_noise=1.0, dp_clipping="adaptive", dp_count_stddev=2.0)
     s = privacy.PrivateStrategy(_fedavg(), "dp-server", params, num_sampled_clients=2, population=2)
     _round(s, 1, [[3.0, 4.0, 0, 0], [0, 0, 0, 0.5]], [1, 1])
     z_u = s.dp.noise_multiplier  # Flower's: (1^-2 - 4^-2)^-1/2
@@ -207,7 +207,7 @@ def test_a_dp_run_reports_the_epsilon_of_flowers_accountant(
 def test_an_exactly_zero_update_does_not_end_the_run(task_identity) -> None:
     """Flower's clipping divides by the update's norm; a zero update (the model sent back
     unchanged) raised ZeroDivisionError in both the server wrapper and the client mod."""
-    params = d.DpParams(noise_multiplier=0.5)
+    params = d.DpParams(dp_noise=0.5)
     s = privacy.PrivateStrategy(_fedavg(), "dp-server", params, num_sampled_clients=2, population=2)
     np.random.seed(0)
     _, (arrays, _) = _round(s, 1, [[0.0, 0, 0, 0], [0, 0, 0.5, 0]], [1, 1])

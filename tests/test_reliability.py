@@ -623,7 +623,7 @@ def test_the_production_client_ignores_a_fault_injection_key(reliability) -> Non
         (["--out", "{file}/sub"], "cannot create it"),
         (["--device", "cuda:3"], "CUDA device(s)"),
         (["--device", "tpu"], "--device"),
-        (["--latent-dim", "-1"], "--latent-dim must be >= 1"),
+        (["--latent-dim", "-1"], "--latent-dim: latent-dim must be >= 1"),
         (["--train-steps", "-5"], "--train-steps must be >= 0"),
         (["--seed", str(2**70)], "--seed must be in"),
     ],
