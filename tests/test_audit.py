@@ -25,16 +25,16 @@ MEAN, STD = (0.5,), (0.25,)
 if "test-boom" not in ATTACKS:
 
     @register("test-boom")
-    def _boom(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _boom(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         raise RuntimeError("boom from a broken attack")
 
     @register("test-sleep")
-    def _sleep(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _sleep(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         time.sleep(60)
         raise AssertionError("not reached")
 
     @register("test-crash")
-    def _crash(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _crash(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         os._exit(3)  # like an out-of-memory kill: the worker vanishes
 
 

@@ -25,12 +25,12 @@ MARKER = Path("/tmp") / "precode-flower-test-mem-marker"
 if "test-mem-huge" not in ATTACKS:
 
     @register("test-mem-huge", memory=lambda case: 1 << 50)  # declares a petabyte
-    def _huge(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _huge(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         MARKER.write_text("ran")  # must never happen: the run is refused before it starts
         raise AssertionError("not reached")
 
     @register("test-mem-hog", memory=lambda case: 1 << 20)  # underestimates: claims 1 MiB
-    def _hog(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _hog(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         held = []
         for _ in range(256):  # up to 16 GiB in 64 MiB steps, every page touched
             held.append(torch.ones(64 << 20, dtype=torch.uint8))

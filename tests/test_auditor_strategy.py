@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if "test-raise" not in ATTACKS:  # worker processes import this module to find it
 
     @register("test-raise")
-    def _raise(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _raise(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         raise RuntimeError("deliberately broken attack")
 
 

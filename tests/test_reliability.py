@@ -384,17 +384,17 @@ def test_a_client_that_raises_or_hangs_costs_only_its_reply(
 if "rel-raise" not in ATTACKS:  # workers import this module to find these attacks
 
     @register("rel-raise")
-    def _raise(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _raise(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         score = Path("/proc/self/oom_score_adj")
         raise RuntimeError(f"attack bug (oom_score_adj={score.read_text().strip()})")
 
     @register("rel-oom")
-    def _oom(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _oom(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         os.kill(os.getpid(), signal.SIGKILL)  # what the kernel's OOM killer does
         raise AssertionError("not reached")
 
     @register("rel-hang")
-    def _hang(model, gradients, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
+    def _hang(case, **kwargs) -> AttackResult:  # noqa: ANN001, ANN003
         time.sleep(120)
         raise AssertionError("not reached")
 

@@ -2,7 +2,8 @@
 
 One entry point, :func:`reconstruct`; each attack lives in its own module and
 registers itself by name in :data:`ATTACKS` (adding an attack touches one module
-plus the import line below).
+plus the import line below). :func:`reconstruct` checks its inputs once and hands every
+attack one :class:`~.base.AttackCase`: an attack is ``fn(case, **options) -> AttackResult``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from . import (  # noqa: F401
     label_recovery,
     spear,
 )
-from .base import ATTACKS, AttackResult, Gradients, as_gradient_list, register
+from .base import ATTACKS, AttackCase, AttackResult, Gradients, as_gradient_list, register
 
 
 def reconstruct(
@@ -73,18 +74,25 @@ def reconstruct(
         raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
     if len(mean) != input_shape[0] or len(std) != input_shape[0]:
         raise ValueError("mean and std need one value per input channel")
-    torch.manual_seed(seed)
-    return ATTACKS[name](
-        model,
-        grads,
+    case = AttackCase(
+        model=model,
+        gradients=grads,
         labels=labels,
         input_shape=tuple(input_shape),
         mean=tuple(mean),
         std=tuple(std),
         batch_size=batch_size,
         seed=seed,
-        **options,
     )
+    torch.manual_seed(seed)
+    return ATTACKS[name](case, **options)
 
 
-__all__ = ["ATTACKS", "AttackResult", "as_gradient_list", "reconstruct", "register"]
+__all__ = [
+    "ATTACKS",
+    "AttackCase",
+    "AttackResult",
+    "as_gradient_list",
+    "reconstruct",
+    "register",
+]

@@ -51,7 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .base import AttackResult, Timer, register
+from .base import AttackCase, AttackResult, Timer, register
 from .label_recovery import labels_or_recover
 from .memory import MemoryCase
 
@@ -257,15 +257,8 @@ def analytic_applies(model: nn.Module, input_shape: Sequence[int]) -> str | None
 
 @register("analytic", memory=analytic_memory, applies=analytic_applies)
 def analytic(
-    model: nn.Module,
-    gradients: list[Tensor],
+    case: AttackCase,
     *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
     layer: str | None = None,
     threshold: float = 1e-4,
     tol: float = 1e-5,
@@ -274,14 +267,16 @@ def analytic(
     blend_tol: float = 1e-4,
 ) -> AttackResult:
     """Exact recovery of a Linear layer's input; see the module docstring."""
+    model, gradients = case.model, case.gradients
+    input_shape, batch_size = case.input_shape, case.batch_size
     with Timer() as timer:
         name, is_image = choose_layer(model, input_shape, layer)
         module = model.get_submodule(name)
         index = {id(p): i for i, p in enumerate(model.parameters())}
         dw = gradients[index[id(module.weight)]]
         db = gradients[index[id(module.bias)]]
-        m = torch.tensor(mean, dtype=torch.float64, device=dw.device).view(-1, 1, 1)
-        s = torch.tensor(std, dtype=torch.float64, device=dw.device).view(-1, 1, 1)
+        m = torch.tensor(case.mean, dtype=torch.float64, device=dw.device).view(-1, 1, 1)
+        s = torch.tensor(case.std, dtype=torch.float64, device=dw.device).view(-1, 1, 1)
 
         def in_box(x: Tensor) -> bool:
             pixels = x.view(*input_shape) * s + m
@@ -299,9 +294,7 @@ def analytic(
         claimed = len(found)
         verified, rejected = verify_claims(found, blend_tol=blend_tol)
         found, sizes = found[verified], [sizes[i] for i in verified]
-        labels, labels_recovered = labels_or_recover(
-            model, gradients, labels, batch_size, input_shape
-        )
+        labels, labels_recovered = labels_or_recover(case)
     k = len(found)
     info: dict[str, Any] = {
         "layer": name,

@@ -1,4 +1,4 @@
-"""What every attack shares: its result type, the registry, and input checking."""
+"""What every attack shares: its input case, its result type, the registry, input checking."""
 
 from __future__ import annotations
 
@@ -40,20 +40,56 @@ class AttackResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, eq=False)
+class AttackCase:
+    """One client update to attack, checked and normalised by :func:`~.reconstruct`.
+
+    Built once per run and handed to the attack; an attack that runs another one (or a
+    helper of one) on a variant passes ``dataclasses.replace(case, ...)``. Not compared or
+    hashed by value (``eq=False``): it holds a model and tensors.
+
+    Unlike :class:`~.memory.MemoryCase` (sizes only, known before a run, in the process that
+    plans it), this holds the model and the update themselves.
+
+    Attributes:
+        model: the model the client computed its update on; attacks leave it as it was.
+        gradients: per-parameter tensors in ``model.parameters()`` order, shapes checked, on
+            the model's device and in its dtype (a weight update for ``inputs="weights"``).
+        labels: (B,) int64 labels on the model's device if known, else None.
+        input_shape: (C, H, W) of one example.
+        mean, std: the input normalisation, one value per channel.
+        batch_size: examples behind the update (``len(labels)`` when labels are given).
+        seed: seeds every random choice of the attack.
+    """
+
+    model: nn.Module
+    gradients: list[Tensor]
+    labels: Tensor | None
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    batch_size: int
+    seed: int
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model (where the attack runs)."""
+        return next(self.model.parameters()).device
+
+    def pixel_box(self) -> tuple[Tensor, Tensor]:
+        """(low, high): pixel values 0 and 1 in normalised space, shaped (1, C, 1, 1), on
+        the model's device and in its dtype."""
+        param = next(self.model.parameters())
+        m = torch.tensor(self.mean, device=param.device, dtype=param.dtype).view(1, -1, 1, 1)
+        s = torch.tensor(self.std, device=param.device, dtype=param.dtype).view(1, -1, 1, 1)
+        return -m / s, (1 - m) / s
+
+
 class Attack(Protocol):
-    def __call__(
-        self,
-        model: nn.Module,
-        gradients: list[Tensor],
-        *,
-        labels: Tensor | None,
-        input_shape: tuple[int, int, int],
-        mean: Sequence[float],
-        std: Sequence[float],
-        batch_size: int,
-        seed: int,
-        **options: Any,
-    ) -> AttackResult: ...
+    """An attack: the case it runs on, plus its own keyword options (documented in its
+    module); unknown options raise."""
+
+    def __call__(self, case: AttackCase, /, **options: Any) -> AttackResult: ...
 
 
 InputKind = Literal["gradients", "weights"]
@@ -106,8 +142,12 @@ def register(
     outputs: Iterable[str] = OUTPUTS,
     applies: Applicability | None = None,
 ) -> Callable[[Attack], Attack]:
-    """Class/function decorator adding an attack to :data:`ATTACKS` under ``name``, with its
-    declarations (see :class:`AttackSpec`). Adding an attack is its module plus this."""
+    """Decorator adding an attack to :data:`ATTACKS` under ``name``, with its declarations
+    (see :class:`AttackSpec`).
+
+    The attack is a function ``fn(case: AttackCase, **options) -> AttackResult``; whatever
+    its kind (``inputs``), adding one is its module plus this registration (and the import
+    line in the package's ``__init__``)."""
     outs = frozenset(outputs)
     if inputs not in ("gradients", "weights"):
         raise ValueError(f"attack {name!r}: inputs must be 'gradients' or 'weights'")

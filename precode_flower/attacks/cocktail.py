@@ -44,13 +44,12 @@ Options:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import AttackResult, Timer, register
+from .base import AttackCase, AttackResult, Timer, register
 from .fc_batch import complete_missing, directions, factorise, fc_layer, zero_mask
 from .fc_batch import refine as refine_direction
 from .spear import finish
@@ -214,15 +213,8 @@ def _add_distinct(found: list[Tensor], d: Tensor, limit: int) -> None:
 
 @register("cocktail")
 def cocktail(
-    model: nn.Module,
-    gradients: list[Tensor],
+    case: AttackCase,
     *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
     layer: str | None = None,
     sources: str = "deltas",
     contrast: str = "exp",
@@ -247,9 +239,10 @@ def cocktail(
         raise ValueError(f"cocktail: contrast must be one of {CONTRASTS}, got {contrast!r}")
     if iterations < 1 or restarts < 1:
         raise ValueError("cocktail: iterations and restarts must be >= 1")
+    batch_size = case.batch_size
     random_starts = 4 * batch_size if random_starts is None else random_starts
     with Timer() as timer:
-        fc = fc_layer(model, gradients, input_shape, layer)
+        fc = fc_layer(case.model, case.gradients, case.input_shape, layer)
         m, n = fc.dw.shape
         if batch_size > min(m, n):
             raise ValueError(f"cocktail: batch_size={batch_size} exceeds the layer's rank bound")
@@ -257,7 +250,7 @@ def cocktail(
         # lmat = U_B S_B; the whitened neuron-side factor is U_B (orthonormal columns).
         s = lmat.norm(dim=0)
         u = lmat / s
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(case.seed)
         min_zeros = max(batch_size, int(min_zero_fraction * m))
         exact: list[Tensor] = []  # unit deltas of examples found exactly
         estimates: list[Tensor] = []  # ICA components of the latest round (unit deltas)
@@ -343,20 +336,7 @@ def cocktail(
             "residual_tol": residual_tol,
         }
         result = finish(
-            "cocktail",
-            model,
-            gradients,
-            fc,
-            chosen,
-            keep_unverified=True,
-            labels=labels,
-            input_shape=input_shape,
-            mean=mean,
-            std=std,
-            batch_size=batch_size,
-            seed=seed,
-            checks=checks,
-            info=info,
+            "cocktail", case, fc, chosen, keep_unverified=True, checks=checks, info=info
         )
     result.seconds = timer.seconds
     return result

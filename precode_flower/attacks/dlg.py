@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..precode import precode_loss
-from .base import AttackResult, Timer, register, select_parameters
+from .base import AttackCase, AttackResult, Timer, register, select_parameters
 from .label_recovery import labels_or_recover
 from .memory import lbfgs_memory
 
@@ -80,15 +80,8 @@ def gradient_distance(
 
 @register("dlg", memory=lbfgs_memory)
 def dlg(
-    model: nn.Module,
-    gradients: list[Tensor],
+    case: AttackCase,
     *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
     iterations: int = 300,
     lr: float = 1.0,
     optimize_labels: bool = False,
@@ -99,8 +92,10 @@ def dlg(
     """Deep Leakage from Gradients; see the module docstring for the options."""
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    model, gradients, labels = case.model, case.gradients, case.labels
+    input_shape, batch_size, seed = case.input_shape, case.batch_size, case.seed
     mask = select_parameters(model, layers)
-    device = next(model.parameters()).device
+    device = case.device
     was_training = model.training
     buffers = {k: v.detach().clone() for k, v in model.named_buffers()}
     info: dict[str, Any] = {"optimize_labels": optimize_labels, "matched_tensors": sum(mask)}
@@ -116,7 +111,7 @@ def dlg(
             variables.append(soft)
             info["labels_recovered"] = True
         else:
-            labels, recovered = labels_or_recover(model, gradients, labels, batch_size, input_shape)
+            labels, recovered = labels_or_recover(case)
             info["labels_recovered"] = recovered
         best: dict[str, Any] = {
             "loss": math.inf,

@@ -71,9 +71,9 @@ import torch
 from torch import Tensor, nn
 
 from ..local_training import LocalTraining, unrolled_update
-from .base import AttackResult, Timer, register, select_parameters
+from .base import AttackCase, AttackResult, Timer, register, select_parameters
 from .gradient_matching import COSTS, Cost, attack_session, distance
-from .ig import IGOptions, optimise_restarts, pixel_box, resolve_labels, restart_info
+from .ig import IGOptions, optimise_restarts, resolve_labels, restart_info
 from .memory import unrolled_memory
 
 
@@ -205,30 +205,20 @@ class UpdateMatcher:
 
 
 @register("fedavg", memory=unrolled_memory, inputs="weights")
-def fedavg(
-    model: nn.Module,
-    gradients: list[Tensor],
-    *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
-    **options: Any,
-) -> AttackResult:
-    """Invert a FedAvg update; ``gradients`` = new weights - global weights (see module doc)."""
+def fedavg(case: AttackCase, **options: Any) -> AttackResult:
+    """Invert a FedAvg update: ``case.gradients`` = new - global weights (see module doc)."""
     opts = FedAvgOptions.from_options(options, "fedavg")
+    model, batch_size, seed = case.model, case.batch_size, case.seed
     training, guessed = opts.local_training(batch_size)
     with Timer() as timer:
-        update = list(gradients)
-        if labels is None:
+        update = list(case.gradients)
+        if case.labels is None:
             # -update / (lr * s) estimates the client's mean gradient along its trajectory.
             scale = -1.0 / (float(training.lr) * training.effective_steps(batch_size))
             pseudo = [u * scale for u in update]
-            labels, recovered = resolve_labels(model, pseudo, None, batch_size)
+            labels, recovered = resolve_labels(dataclasses.replace(case, gradients=pseudo))
         else:
-            labels, recovered = resolve_labels(model, update, labels, batch_size)
+            labels, recovered = resolve_labels(case)
         matcher = UpdateMatcher(
             model,
             update,
@@ -238,10 +228,8 @@ def fedavg(
             noise_seed=seed if opts.noise_seed is None else opts.noise_seed,
             order=opts.order,
         )
-        param = next(model.parameters())
-        box = pixel_box(mean, std, param.device, param.dtype)
         runs, best, _ = optimise_restarts(
-            matcher, labels, (batch_size, *input_shape), box, seed, opts
+            matcher, labels, (batch_size, *case.input_shape), case.pixel_box(), seed, opts
         )
     loss, images, _, _ = runs[best]
     return AttackResult(

@@ -50,15 +50,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, Protocol, Self
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from .base import AttackResult, Timer, register, select_parameters
+from .base import AttackCase, AttackResult, Timer, register, select_parameters
 from .gradient_matching import COSTS, BNStats, GradientMatcher, total_variation
 from .memory import gradient_matching_memory
 
@@ -142,15 +142,6 @@ class IGOptions:
             )
 
 
-def pixel_box(
-    mean: Sequence[float], std: Sequence[float], device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """(low, high) of pixel values 0 and 1 in normalised space, shaped (1, C, 1, 1)."""
-    m = torch.tensor(mean, device=device, dtype=dtype).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device, dtype=dtype).view(1, -1, 1, 1)
-    return -m / s, (1 - m) / s
-
-
 def initial_images(
     init: str | Tensor,
     shape: tuple[int, ...],
@@ -171,11 +162,10 @@ def initial_images(
     return torch.randn(shape, generator=generator).to(device=low.device, dtype=low.dtype)
 
 
-def resolve_labels(
-    model: nn.Module, gradients: Sequence[Tensor], labels: Tensor | None, batch_size: int
-) -> tuple[Tensor, bool]:
-    """(labels on the model's device, whether they were recovered)."""
-    device = next(model.parameters()).device
+def resolve_labels(case: AttackCase) -> tuple[Tensor, bool]:
+    """(the case's labels on the model's device, whether they were recovered)."""
+    model, labels, batch_size = case.model, case.labels, case.batch_size
+    device = case.device
     if labels is not None:
         labels = torch.as_tensor(labels, dtype=torch.long, device=device).flatten()
         if len(labels) != batch_size:
@@ -183,7 +173,7 @@ def resolve_labels(
         return labels, False
     from .label_recovery import recover_labels  # imported late: a sibling attack module
 
-    recovered = torch.as_tensor(recover_labels(model, list(gradients), batch_size))
+    recovered = torch.as_tensor(recover_labels(model, list(case.gradients), batch_size))
     return recovered.to(device=device, dtype=torch.long).flatten(), True
 
 
@@ -191,28 +181,17 @@ def _milestones(iterations: int) -> list[int]:
     return sorted({max(1, math.ceil(iterations * k / 8)) for k in (3, 5, 7)})
 
 
-def run_ig(
-    attack: str,
-    model: nn.Module,
-    gradients: Sequence[Tensor],
-    *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
-    opts: IGOptions,
-) -> AttackResult:
-    """Inverting Gradients with validated options; ``attack`` names the result."""
+def run_ig(attack: str, case: AttackCase, opts: IGOptions) -> AttackResult:
+    """Inverting Gradients on ``case`` with validated options; ``attack`` names the result."""
+    batch_size, seed = case.batch_size, case.seed
     if batch_size < 1:
         raise ValueError(f"{attack}: batch_size must be >= 1, got {batch_size}")
     with Timer() as timer:
-        labels, recovered = resolve_labels(model, gradients, labels, batch_size)
-        mask = select_parameters(model, opts.layers)
+        labels, recovered = resolve_labels(case)
+        mask = select_parameters(case.model, opts.layers)
         matcher = GradientMatcher(
-            model,
-            gradients,
+            case.model,
+            case.gradients,
             mask,
             cost=opts.cost,
             fast=opts.fast,
@@ -220,10 +199,8 @@ def run_ig(
             bn_prior=opts.bn_prior,
             bn_stats=opts.bn_stats,
         )
-        param = next(model.parameters())
-        box = pixel_box(mean, std, param.device, param.dtype)
         runs, best, rerouted = optimise_restarts(
-            matcher, labels, (batch_size, *input_shape), box, seed, opts
+            matcher, labels, (batch_size, *case.input_shape), case.pixel_box(), seed, opts
         )
     loss, images, iterations, stopped = runs[best]
     return AttackResult(
@@ -268,8 +245,8 @@ def optimise_restarts(
     """All restarts of the image optimisation: (runs, index of the best, rerouted layers).
 
     Each run is (final objective, images, iterations run, stopped early). Runs on the
-    device and in the dtype of ``box`` (:func:`pixel_box`); restart ``r`` draws its start
-    from a generator seeded with ``(seed, r)``.
+    device and in the dtype of ``box`` (:meth:`~.base.AttackCase.pixel_box`); restart ``r``
+    draws its start from a generator seeded with ``(seed, r)``.
     """
     runs: list[Run] = []
     rerouted: list[str] = []
@@ -356,29 +333,6 @@ def _optimise(
 
 
 @register("ig", memory=gradient_matching_memory)
-def ig(
-    model: nn.Module,
-    gradients: list[Tensor],
-    *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
-    **options: Any,
-) -> AttackResult:
+def ig(case: AttackCase, **options: Any) -> AttackResult:
     """Inverting Gradients on a FedSGD update (options: see the module docstring)."""
-    opts = IGOptions.from_options(options, "ig")
-    return run_ig(
-        "ig",
-        model,
-        gradients,
-        labels=labels,
-        input_shape=input_shape,
-        mean=mean,
-        std=std,
-        batch_size=batch_size,
-        seed=seed,
-        opts=opts,
-    )
+    return run_ig("ig", case, IGOptions.from_options(options, "ig"))

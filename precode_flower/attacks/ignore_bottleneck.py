@@ -18,10 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
 from ..precode import bottlenecks
-from .base import AttackResult, parameters_before_bottleneck, register
+from .base import AttackCase, AttackResult, parameters_before_bottleneck, register
 from .ig import IGOptions, run_ig
 from .memory import gradient_matching_memory
 
@@ -51,32 +51,10 @@ def _applies(model: nn.Module, input_shape: Sequence[int]) -> str | None:
 
 
 @register("ignore-bottleneck", memory=gradient_matching_memory, applies=_applies)
-def ignore_bottleneck(
-    model: nn.Module,
-    gradients: list[Tensor],
-    *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
-    **options: Any,
-) -> AttackResult:
+def ignore_bottleneck(case: AttackCase, **options: Any) -> AttackResult:
     """Inverting Gradients on the pre-bottleneck gradients only (options: those of ``ig``)."""
     if "layers" in options:
         raise ValueError("ignore-bottleneck chooses the matched layers itself; drop 'layers'")
     opts = IGOptions.from_options(options, "ignore-bottleneck")
-    opts.layers = matched_parameters(model, input_shape)
-    return run_ig(
-        "ignore-bottleneck",
-        model,
-        gradients,
-        labels=labels,
-        input_shape=input_shape,
-        mean=mean,
-        std=std,
-        batch_size=batch_size,
-        seed=seed,
-        opts=opts,
-    )
+    opts.layers = matched_parameters(case.model, case.input_shape)
+    return run_ig("ignore-bottleneck", case, opts)

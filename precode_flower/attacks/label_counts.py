@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..precode import find_classifier
-from .base import AttackResult, Gradients, Timer, as_gradient_list, register
+from .base import AttackCase, AttackResult, Gradients, Timer, as_gradient_list, register
 
 
 def _classifier(
@@ -144,15 +144,8 @@ def counts_to_labels(counts: Tensor) -> Tensor:
 
 @register("label-counts")
 def label_counts(
-    model: nn.Module,
-    gradients: list[Tensor],
+    case: AttackCase,
     *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
     update: bool = False,
     local_steps: int = 1,
     local_lr: float = 0.01,
@@ -161,10 +154,10 @@ def label_counts(
     """Per-class label counts (``info["counts"]``); labels = the sorted multiset, images zeros."""
     with Timer() as timer:
         counts, raw = count_labels(
-            model,
-            gradients,
-            batch_size,
-            input_shape=input_shape,
+            case.model,
+            case.gradients,
+            case.batch_size,
+            input_shape=case.input_shape,
             update=update,
             local_steps=local_steps,
             local_lr=local_lr,
@@ -176,11 +169,11 @@ def label_counts(
         "update": update,
         "aligned": False,
     }
-    if labels is not None:
+    if case.labels is not None:
         info["given_labels_ignored"] = True
     return AttackResult(
         attack="label-counts",
-        images=torch.zeros(batch_size, *input_shape),
+        images=torch.zeros(case.batch_size, *case.input_shape),
         labels=counts_to_labels(counts),
         loss=float("nan"),
         seconds=timer.seconds,

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from ..precode import find_classifier
-from .base import AttackResult, Gradients, Timer, as_gradient_list, register
+from .base import AttackCase, AttackResult, Gradients, Timer, as_gradient_list, register
 from .memory import label_memory
 
 Method = Literal["auto", "counts", "bias", "weight", "idlg"]
@@ -169,43 +169,33 @@ def recover_labels(
     return labels.to(dtype=torch.long, device=dw.device)
 
 
-def labels_or_recover(
-    model: nn.Module,
-    gradients: Gradients,
-    labels: Tensor | None,
-    batch_size: int,
-    input_shape: Sequence[int] | None = None,
-) -> tuple[Tensor, bool]:
-    """(labels, recovered?): the given labels, or :func:`recover_labels` when None."""
-    if labels is not None:
-        return labels, False
-    return recover_labels(model, gradients, batch_size, input_shape=input_shape), True
+def labels_or_recover(case: AttackCase) -> tuple[Tensor, bool]:
+    """(labels, recovered?): the case's labels, or :func:`recover_labels` when it has none."""
+    if case.labels is not None:
+        return case.labels, False
+    labels = recover_labels(
+        case.model, case.gradients, case.batch_size, input_shape=case.input_shape
+    )
+    return labels, True
 
 
 @register("labels", memory=label_memory, outputs=("labels",))
-def label_attack(
-    model: nn.Module,
-    gradients: list[Tensor],
-    *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
-    method: Method = "auto",
-) -> AttackResult:
+def label_attack(case: AttackCase, *, method: Method = "auto") -> AttackResult:
     """Labels only: zeros for the images (the dataset mean), NaN loss."""
     with Timer() as timer:
         recovered = recover_labels(
-            model, gradients, batch_size, input_shape=input_shape, method=method
+            case.model,
+            case.gradients,
+            case.batch_size,
+            input_shape=case.input_shape,
+            method=method,
         )
-    info: dict[str, Any] = {"method": method, "aligned": batch_size == 1}
-    if labels is not None:
+    info: dict[str, Any] = {"method": method, "aligned": case.batch_size == 1}
+    if case.labels is not None:
         info["given_labels_ignored"] = True
     return AttackResult(
         attack="labels",
-        images=torch.zeros(batch_size, *input_shape),
+        images=torch.zeros(case.batch_size, *case.input_shape),
         labels=recovered.cpu(),
         loss=float("nan"),
         seconds=timer.seconds,

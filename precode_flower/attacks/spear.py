@@ -37,13 +37,13 @@ Options:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .base import AttackResult, Timer, register
+from .base import AttackCase, AttackResult, Timer, register
 from .fc_batch import (
     FcLayer,
     assemble,
@@ -126,18 +126,11 @@ def sample_directions(
 
 def finish(
     attack: str,
-    model: nn.Module,
-    gradients: list[Tensor],
+    case: AttackCase,
     fc: FcLayer,
     dirs: list[Tensor],
     *,
     keep_unverified: bool,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
     checks: dict[str, float],
     info: dict[str, Any],
 ) -> AttackResult:
@@ -146,6 +139,8 @@ def finish(
     Verified images fill the first slots. With ``keep_unverified`` the other slots hold the
     assembled (unverified) estimates, else zeros; ``recovered`` counts verified images only.
     """
+    model, labels = case.model, case.labels
+    input_shape, batch_size = case.input_shape, case.batch_size
     images = torch.zeros(batch_size, *input_shape)
     verified: list[bool] = []
     agreement: list[float] = []
@@ -156,7 +151,7 @@ def finish(
         found = assemble(fc, torch.stack(dirs, 1))
         rw, rb = found.residual_w, found.residual_b
         verified, agreement = verify(
-            fc, found, input_shape=input_shape, mean=mean, std=std, **checks
+            fc, found, input_shape=input_shape, mean=case.mean, std=case.std, **checks
         )
         order = sorted(range(batch_size), key=lambda j: not verified[j])
         verified = [verified[j] for j in order]
@@ -167,14 +162,16 @@ def finish(
             images = torch.where(keep.view(-1, 1, 1, 1), inputs, images)
             if labels is None and all(verified):
                 got, label_residuals = labels_from_deltas(
-                    model, fc, inputs, found.deltas[:, order], batch_size, seed
+                    model, fc, inputs, found.deltas[:, order], batch_size, case.seed
                 )
                 out_labels = got.cpu()
     recovered = sum(verified) if fc.is_image else 0
     if out_labels is None:
         from .label_recovery import recover_labels
 
-        out_labels = recover_labels(model, gradients, batch_size, input_shape=input_shape).cpu()
+        out_labels = recover_labels(
+            model, case.gradients, batch_size, input_shape=input_shape
+        ).cpu()
     info.update(
         {
             "layer": fc.name,
@@ -202,15 +199,8 @@ def finish(
 
 @register("spear")
 def spear(
-    model: nn.Module,
-    gradients: list[Tensor],
+    case: AttackCase,
     *,
-    labels: Tensor | None,
-    input_shape: tuple[int, int, int],
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int,
-    seed: int,
     layer: str | None = None,
     max_samples: int = 2_000_000,
     chunk: int = 4096,
@@ -225,13 +215,14 @@ def spear(
         raise ValueError("spear: max_samples and chunk must be >= 1")
     if not 0 < min_zero_fraction < 1:
         raise ValueError("spear: min_zero_fraction must be in (0, 1)")
+    batch_size = case.batch_size
     with Timer() as timer:
-        fc = fc_layer(model, gradients, input_shape, layer)
+        fc = fc_layer(case.model, case.gradients, case.input_shape, layer)
         m = fc.dw.shape[0]
         if batch_size > min(fc.dw.shape):
             raise ValueError(f"spear: batch_size={batch_size} exceeds the layer's rank bound")
         lmat, _, sv = factorise(fc.dw, batch_size)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(case.seed)
         dirs, tried, completed = sample_directions(
             lmat,
             batch_size,
@@ -255,21 +246,6 @@ def spear(
             "box_slack": box_slack,
             "residual_tol": residual_tol,
         }
-        result = finish(
-            "spear",
-            model,
-            gradients,
-            fc,
-            dirs,
-            keep_unverified=False,
-            labels=labels,
-            input_shape=input_shape,
-            mean=mean,
-            std=std,
-            batch_size=batch_size,
-            seed=seed,
-            checks=checks,
-            info=info,
-        )
+        result = finish("spear", case, fc, dirs, keep_unverified=False, checks=checks, info=info)
     result.seconds = timer.seconds
     return result
