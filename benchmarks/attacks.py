@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from report import provenance, write_section  # noqa: I001  (benchmarks/ is on sys.path)
+from report import load_note, provenance, write_section  # noqa: I001  (benchmarks/ is on sys.path)
 
 import precode_flower as pf
 from precode_flower import data, metrics
@@ -439,6 +439,7 @@ def summarise_batch(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any
 def batch_grid(args: argparse.Namespace) -> None:
     """Run the batch grid and write its section of docs/ATTACKS.md (or ``--out``)."""
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     batches = [int(b) for b in args.batches.split(",")]
     jobs = []
@@ -494,8 +495,8 @@ def batch_grid(args: argparse.Namespace) -> None:
         raw_name = raw.relative_to(ROOT)
     except ValueError:
         raw_name = raw
-    body = f"""{provenance()}Device: {DEVICE}; CPU cores: {os.cpu_count()}, shared with other work
-while this ran (seconds are not timing targets); workers: {args.workers}; total {minutes:.1f} min.
+    body = f"""{provenance()}Device: {DEVICE}; {load_note(load_before)};
+workers: {args.workers}; total {minutes:.1f} min.
 Raw numbers: `{raw_name}`.
 
 CIFAR-10 test images, untrained seeded models, FedSGD gradients of one batch (labels not
@@ -581,6 +582,7 @@ def main() -> None:
     report = Path(args.out) if args.out else out_dir / "ATTACKS.md"
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
 
     bundle = data.load("cifar10")
     x_all, y_all = bundle.test.tensors
@@ -659,7 +661,7 @@ def main() -> None:
         if iterations["mlp"] == iterations["convnet"]
         else f" ({iterations['convnet']} on convnet, to fit the time budget)"
     )
-    body = f"""{provenance()}CPU cores: {os.cpu_count()} (shared with other work while this ran);
+    body = f"""{provenance()}{load_note(load_before)};
 attack processes in parallel: {args.workers}; total wall time {total_minutes:.1f} min.
 Raw numbers: `{(out_dir / "attacks_benchmark.json").relative_to(ROOT)}`.
 

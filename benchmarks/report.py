@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import platform
 import sys
 from pathlib import Path
@@ -16,6 +17,15 @@ def machine() -> str:
     return (
         f"{platform.machine()}, {torch.get_num_threads()} torch threads, {cpu}, "
         f"Python {platform.python_version()}, torch {torch.__version__}"
+    )
+
+
+def load_note(before: float) -> str:
+    """How busy the machine was: the 1-minute load average before the run and at its end
+    (a benchmark's own workers count too), against the number of cores."""
+    return (
+        f"CPU cores: {os.cpu_count()}; load average (1 min) {before:.1f} before the run, "
+        f"{os.getloadavg()[0]:.1f} at its end (its own workers included)"
     )
 
 
