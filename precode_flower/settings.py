@@ -17,9 +17,10 @@ inherited: :class:`~precode_flower.task.RunConfig` inherits the defenses' parame
 :class:`~precode_flower.defenses.DefenseParams` and
 :class:`~precode_flower.defenses.DpParams` (fields in inheritance order, the base's
 first), and builds those back with :func:`subset`. So adding a defense parameter touches
-the defense and its dataclass only: the field is a run-config key, a flag, a check and a
-``pyproject.toml`` line without any other edit, and a test asserts that RunConfig declares
-no defense parameter of its own.
+the defense and its dataclass only: the field is a run-config key, a flag and a check
+without any other edit; its ``pyproject.toml`` line is regenerated from :func:`toml_lines`
+(the drift test names it). A test asserts that RunConfig declares no defense parameter of
+its own.
 
 Nothing here imports Flower or torch.
 """
