@@ -53,6 +53,8 @@ from typing import Any
 
 from report import write_section  # benchmarks/ is on sys.path when run as a script
 
+from precode_flower.attacks.base import reconstructs_images
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Generated results"
 SUCCESS_SSIM = 0.6
@@ -261,15 +263,15 @@ class Experiment:
         return (self.dataset, self.model, self.mode, self.batch_size)
 
     def attacks(self) -> tuple[str, ...]:
-        """The attacks that apply to this configuration."""
-        names = ["analytic"] if self.model == "mlp" else []
-        names.append("ig")
-        if has_bottleneck(self.spec.names, self.model, self.dataset):
-            names.append("ignore-bottleneck")
-        if self.mode == "fedavg":
-            names.append("fedavg")
+        """The attacks of this configuration: :data:`DEFAULT_ATTACKS`, or the budget's
+        filter, kept where the registry says they apply (in :func:`attack_order`)."""
         allowed = self.budget.attack_filter
-        return tuple(n for n in names if allowed is None or n in allowed)
+        wanted = DEFAULT_ATTACKS if allowed is None else allowed
+        return tuple(
+            n
+            for n in attack_order(wanted)
+            if why_not(n, self.spec.names, self.model, self.dataset, self.mode) is None
+        )
 
     def simulate_args(self, out: Path, device: str) -> list[str]:
         b, spec = self.budget, self.spec
@@ -325,16 +327,50 @@ def registry_description(name: str) -> str:
     return REGISTRY[name].description
 
 
+#: The attacks of a configuration when ``--attacks`` is not given. Their list is part of the
+#: config hash, so it stays as it was before the registry's other attacks could be chosen.
+DEFAULT_ATTACKS = ("analytic", "ig", "ignore-bottleneck", "fedavg")
+
+
+def attack_names() -> tuple[str, ...]:
+    """Every registered attack: :data:`DEFAULT_ATTACKS` first, then the registry's order."""
+    from precode_flower.attacks import ATTACKS
+
+    return DEFAULT_ATTACKS + tuple(n for n in ATTACKS if n not in DEFAULT_ATTACKS)
+
+
+def attack_order(names: Iterable[str]) -> tuple[str, ...]:
+    """``names`` in :func:`attack_names` order (a filter's order does not change a hash)."""
+    wanted = set(names)
+    return tuple(n for n in attack_names() if n in wanted)
+
+
 @functools.cache
-def has_bottleneck(defenses: str, model: str, dataset: str) -> bool:
-    """Whether the model with these defenses has a PRECODE bottleneck (built to find out)."""
+def _built(defenses: str, model: str, dataset: str) -> tuple[Any, tuple[int, int, int]]:
+    """(the model these defenses build, the input shape), to ask the registry about."""
     from precode_flower import data, task
-    from precode_flower.precode import bottlenecks
 
     bundle = data.load(dataset)
+    shape = tuple(bundle.input_shape)
     cfg = task.RunConfig(model=model, dataset=dataset, defenses=defenses)
-    net = task.build_model(cfg, bundle.num_classes, tuple(bundle.input_shape))
-    return bool(bottlenecks(net))
+    return task.build_model(cfg, bundle.num_classes, shape), shape  # type: ignore[return-value]
+
+
+@functools.cache
+def why_not(attack: str, defenses: str, model: str, dataset: str, mode: str) -> str | None:
+    """None if ``attack`` applies to this configuration, else why not (one line).
+
+    The registry's declarations decide (``AttackSpec.why_not`` on the model the defenses
+    build); an attack on weight updates (``inputs="weights"``) runs in FedAvg mode only, as a
+    FedSGD gradient is what the gradient attacks already take.
+    """
+    from precode_flower.attacks.base import spec
+
+    declared = spec(attack)
+    if declared.inputs == "weights" and mode != "fedavg":
+        return "inverts FedAvg weight updates (FedAvg mode only)"
+    net, shape = _built(defenses, model, dataset)
+    return declared.why_not(net, shape)
 
 
 def grid(
@@ -387,6 +423,7 @@ def attack_stats(rows: Sequence[Mapping[str, Any]], attack: str) -> dict[str, An
     """Success rate, mean PSNR/SSIM and failure counts of one attack over the audited updates."""
     mine = [r for r in rows if r.get("attack") == attack]
     scored = [r for r in mine if r.get("status") == "ok" and r.get("scored")]
+    images = reconstructs_images(attack)  # a label attack's rows carry no image to score
     out: dict[str, Any] = {
         "runs": len(mine),
         "scored": len(scored),
@@ -397,9 +434,14 @@ def attack_stats(rows: Sequence[Mapping[str, Any]], attack: str) -> dict[str, An
         "psnr": _mean(r.get("psnr") for r in scored),
         "ssim": _mean(r.get("ssim") for r in scored),
         "label_accuracy": _mean(r.get("label_accuracy") for r in scored),
+        # What a guess of even class counts scores on the same batches (batches of 2+).
+        "label_baseline": _mean(r.get("label_baseline") for r in scored),
         "seconds": _mean(r.get("seconds") for r in mine if r.get("status") == "ok"),
+        "images": images,
     }
-    if scored:
+    if not images:
+        out["psnr"] = out["ssim"] = None
+    elif scored:
         out["success_rate"] = sum(bool(r.get("success")) for r in scored) / len(scored)
     errors = sorted({str(r.get("error"))[:160] for r in mine if r.get("status") == "error"})
     if errors:
@@ -531,6 +573,11 @@ def _cell(stats: Mapping[str, Any] | None) -> str:
     if not stats.get("scored"):
         failed = ", ".join(f"{n} {s}" for s, n in stats.get("failed", {}).items() if n)
         return f"not scored ({failed})" if failed else "not scored"
+    if stats.get("images") is False:
+        acc, guess = stats.get("label_accuracy"), stats.get("label_baseline")
+        acc_text = "-" if acc is None else f"{acc:.2f}"
+        guess_text = "" if guess is None else f" (even guess {guess:.2f})"
+        return f"labels {acc_text}{guess_text} over {stats['scored']}"
     hits = round(stats["success_rate"] * stats["scored"])
     psnr = "-" if stats["psnr"] is None else f"{stats['psnr']:.1f}"
     ssim = "-" if stats["ssim"] is None else f"{stats['ssim']:.2f}"
@@ -564,7 +611,7 @@ def group_table(
             if target is None
             else ("not reached" if reach is None else f"{reach[0]} / {reach[1]:.0f}")
         )
-        broken = [a for a, s in r["attacks"].items() if s.get("success_rate")]
+        broken = [a for a, s in r["attacks"].items() if s.get("success_rate")]  # images only
         verdict = ", ".join(broken) or ("none" if r["attacks"] else "not audited")
         cells = [_cell(r["attacks"].get(a)) for a in attacks]
         eps = r.get("epsilon")
@@ -615,7 +662,7 @@ def image_rows(
     rows["original"] = torch.cat([torch.load(p, weights_only=True)[:1] for p in originals])
     for r in results:
         recon = results_dir / r["key"] / "run" / "reconstructions"
-        for attack in r["attacks"]:
+        for attack in filter(reconstructs_images, r["attacks"]):
             files = [recon / f"round{rnd:04d}_client{c}_{attack}.pt" for rnd, c in picks]
             if all(f.exists() for f in files):
                 images = [torch.load(f, weights_only=True)[:1] for f in files]
@@ -664,7 +711,11 @@ def report(
         "Cells per attack: updates reconstructed (SSIM >= 0.6) / updates audited · mean PSNR "
         "(dB, 200 = exact) · mean SSIM. `n/a`: the attack does not apply (analytic needs a "
         "Linear layer on the raw image; ignore-bottleneck a PRECODE bottleneck; fedavg FedAvg "
-        "mode). \u03b5: the run's client-level epsilon at delta 1e-5 (Flower's RDP accountant; "
+        "mode; spear and cocktail a first Linear layer on the image that feeds a ReLU). "
+        "Label attacks (label-counts, labels): `labels` accuracy of the recovered label "
+        "multiset over the scored updates, and what a guess of even class counts gets on the "
+        "same batches (batches of 2 or more); `broken by` counts image reconstructions only. "
+        "\u03b5: the run's client-level epsilon at delta 1e-5 (Flower's RDP accountant; "
         "`-` without DP); `(sum only)`: SecAgg+, the audit saw only each round's aggregate. "
         "Target: "
         f"the initial accuracy plus {TARGET_FRACTION:.0%} of what `none` gained in the same "
@@ -751,13 +802,14 @@ def _csv(choices: Sequence[str]) -> Any:
     return parse
 
 
-ATTACK_CHOICES = ("analytic", "ig", "ignore-bottleneck", "fedavg")
-
-
 def _attack_filter(value: str) -> tuple[str, ...]:
-    if value.strip().lower() == "none":
+    """``none`` (no audit), ``all`` (every registered attack) or a comma list of attacks."""
+    word = value.strip().lower()
+    if word == "none":
         return ()
-    return _csv(ATTACK_CHOICES)(value)
+    if word == "all":
+        return attack_names()
+    return attack_order(_csv(attack_names())(value))
 
 
 def _settings(value: str) -> tuple[tuple[str, int], ...]:
@@ -803,7 +855,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--attacks",
         type=_attack_filter,
-        help="run only these attacks where they apply (comma list); 'none': no audit",
+        help=f"run these attacks where they apply (comma list; default "
+        f"{','.join(DEFAULT_ATTACKS)}); 'all': every registered one; 'none': no audit",
     )
     r = p.add_argument_group("output")
     r.add_argument("--results-dir", type=Path, default=ROOT / "runs" / "defenses")

@@ -33,6 +33,15 @@ def test_the_package_attacks_declare_what_they_need_and_return() -> None:
     assert "does not apply" in spec("analytic").why_not(convnet, SHAPE)
     assert "PRECODE" in spec("ignore-bottleneck").why_not(mlp, SHAPE)
     assert spec("ignore-bottleneck").why_not(extend(mlp, input_shape=SHAPE), SHAPE) is None
+    # The batch attacks on a Linear+ReLU layer say where they apply, instead of failing there.
+    for name in ("spear", "cocktail"):
+        assert spec(name).why_not(mlp, SHAPE) is None
+        assert spec(name).why_not(extend(mlp, input_shape=SHAPE), SHAPE) is None
+        assert "does not apply" in spec(name).why_not(convnet, SHAPE)
+    no_relu = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+    assert "nn.ReLU" in spec("spear").why_not(no_relu, SHAPE)
+    # Label counts return placeholder images: declared labels-only, so they are never scored.
+    assert spec("label-counts").outputs == {"labels"}
 
 
 def test_an_attack_declared_on_weight_updates_gets_the_update_itself() -> None:

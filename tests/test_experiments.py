@@ -44,6 +44,43 @@ def test_attacks_follow_the_configuration() -> None:
     )
 
 
+def test_a_filter_picks_registry_attacks_where_they_apply() -> None:
+    every = replace(_exp().budget, attack_filter=runner._attack_filter("all"))
+    mlp = _exp(budget=every).attacks()
+    assert mlp[:2] == ("analytic", "ig") and "fedavg" not in mlp  # FedSGD: no weight attack
+    assert {"dlg", "labels", "label-counts", "spear", "cocktail"} <= set(mlp)
+    assert "ignore-bottleneck" not in mlp  # no PRECODE bottleneck
+    cnn = _exp(model="convnet", defense="precode-early", mode="fedavg", budget=every).attacks()
+    assert {"ig", "ignore-bottleneck", "fedavg", "dlg", "label-counts"} <= set(cnn)
+    assert not {"analytic", "spear", "cocktail"} & set(cnn)  # no Linear layer on the image
+    # A filter's order is not the hash's: the same attacks give the same configuration.
+    a = replace(_exp().budget, attack_filter=runner._attack_filter("dlg,ig"))
+    b = replace(_exp().budget, attack_filter=runner._attack_filter("ig,dlg"))
+    assert _exp(budget=a).attacks() == ("ig", "dlg")
+    assert _exp(budget=a).key() == _exp(budget=b).key()
+    # Filtering to the default attacks keeps the configurations' hashes.
+    default = replace(_exp().budget, attack_filter=runner.DEFAULT_ATTACKS)
+    assert _exp(defense="precode", budget=default).key() == _exp(defense="precode").key()
+    with pytest.raises(Exception, match="not in"):
+        runner._attack_filter("ig,no-such-attack")
+
+
+def test_label_attacks_get_a_label_cell_and_never_break_a_configuration() -> None:
+    rows = [
+        {"attack": "label-counts", "status": "ok", "scored": True, "success": False,
+         "ssim": 0.0, "psnr": 5.0, "label_accuracy": 1.0, "label_baseline": 0.5},
+        {"attack": "label-counts", "status": "ok", "scored": True, "success": False,
+         "ssim": 0.0, "psnr": 5.0, "label_accuracy": 0.5, "label_baseline": 0.25},
+    ]  # fmt: skip
+    stats = runner.attack_stats(rows, "label-counts")
+    assert stats["success_rate"] is None and stats["ssim"] is None
+    assert stats["label_accuracy"] == 0.75 and stats["label_baseline"] == 0.375
+    result = _result("none", [0.1, 0.5], {"ig": _stats(0.0), "label-counts": stats})
+    lines, points = runner.group_table(("mnist", "mlp", "fedsgd", 8), [result])
+    assert "| labels 0.75 (even guess 0.38) over 2 |" in lines[2]
+    assert lines[2].endswith("| none |") and points[0]["attack"] == "ig"
+
+
 def test_grid_filters_and_model_restrictions() -> None:
     quick = runner.PROFILES["quick"]
     exps = runner.grid(quick)

@@ -50,7 +50,14 @@ import torch
 from torch import Tensor
 
 from .base import AttackCase, AttackResult, Timer, register
-from .fc_batch import complete_missing, directions, factorise, fc_layer, zero_mask
+from .fc_batch import (
+    complete_missing,
+    directions,
+    factorise,
+    fc_applies,
+    fc_layer,
+    zero_mask,
+)
 from .fc_batch import refine as refine_direction
 from .spear import finish
 
@@ -211,7 +218,7 @@ def _add_distinct(found: list[Tensor], d: Tensor, limit: int) -> None:
         found.append(d)
 
 
-@register("cocktail")
+@register("cocktail", applies=fc_applies)
 def cocktail(
     case: AttackCase,
     *,

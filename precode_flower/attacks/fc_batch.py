@@ -54,6 +54,17 @@ def fc_layer(
     model: nn.Module, gradients: Sequence[Tensor], input_shape: Sequence[int], layer: str | None
 ) -> FcLayer:
     """The Linear layer to attack (default: the first that sees the image), checked for ReLU."""
+    name, module, is_image = _checked_layer(model, input_shape, layer)
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    dw = gradients[index[id(module.weight)]].detach().double().flatten(1)
+    db = gradients[index[id(module.bias)]].detach().double()
+    return FcLayer(name, module, dw, db, is_image)
+
+
+def _checked_layer(
+    model: nn.Module, input_shape: Sequence[int], layer: str | None
+) -> tuple[str, nn.Linear, bool]:
+    """(name, module, whether it sees the image) of the layer; ValueError if it cannot serve."""
     name, is_image = choose_layer(model, input_shape, layer)
     module = model.get_submodule(name)
     if module.bias is None:
@@ -63,10 +74,17 @@ def fc_layer(
             f"the attack does not apply: the output of {name!r} does not go through an nn.ReLU "
             "(the zeros of the ReLU's derivative are what identifies each example)"
         )
-    index = {id(p): i for i, p in enumerate(model.parameters())}
-    dw = gradients[index[id(module.weight)]].detach().double().flatten(1)
-    db = gradients[index[id(module.bias)]].detach().double()
-    return FcLayer(name, module, dw, db, is_image)
+    return name, module, is_image
+
+
+def fc_applies(model: nn.Module, input_shape: Sequence[int]) -> str | None:
+    """None if the default layer (the first Linear that sees the image) has a bias and feeds
+    an ``nn.ReLU``, as ``spear`` and ``cocktail`` need; else why not (one line)."""
+    try:
+        _checked_layer(model, input_shape, None)
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def _feeds_relu(model: nn.Module, module: nn.Module, input_shape: Sequence[int]) -> bool:

@@ -142,7 +142,7 @@ def counts_to_labels(counts: Tensor) -> Tensor:
     return torch.repeat_interleave(torch.arange(len(counts)), counts.long().cpu())
 
 
-@register("label-counts")
+@register("label-counts", outputs=("labels",))
 def label_counts(
     case: AttackCase,
     *,
@@ -151,7 +151,8 @@ def label_counts(
     local_lr: float = 0.01,
     local_batch_size: int | None = None,
 ) -> AttackResult:
-    """Per-class label counts (``info["counts"]``); labels = the sorted multiset, images zeros."""
+    """Per-class label counts (``info["counts"]``); labels = the sorted multiset, images zeros
+    (placeholders: it is declared a labels-only attack, so they are never scored)."""
     with Timer() as timer:
         counts, raw = count_labels(
             case.model,

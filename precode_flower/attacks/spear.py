@@ -50,6 +50,7 @@ from .fc_batch import (
     complete_missing,
     directions,
     factorise,
+    fc_applies,
     fc_layer,
     labels_from_deltas,
     refine,
@@ -197,7 +198,7 @@ def finish(
     )
 
 
-@register("spear")
+@register("spear", applies=fc_applies)
 def spear(
     case: AttackCase,
     *,
