@@ -475,6 +475,16 @@ def collect(exp: Experiment, run_dir: Path, wall: float) -> dict[str, Any]:
         "epsilon": (summary.get("privacy") or {}).get("epsilon"),
         "delta": (summary.get("privacy") or {}).get("delta"),
         "data_source": summary.get("data_source"),
+        **round_health(rounds),
+    }
+
+
+def round_health(rounds: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Rounds the server skipped (no valid reply) and replies it rejected as non-finite: a
+    run that stopped training must not read like one that trained."""
+    return {
+        "skipped_rounds": sum(bool(r.get("skipped")) for r in rounds),
+        "non_finite_replies": sum(int(r.get("non_finite") or 0) for r in rounds),
     }
 
 
@@ -497,9 +507,12 @@ def run_experiment(
     """Run ``exp`` with simulate.py (unless its result.json exists) and return its result."""
     home = results_dir / exp.key()
     done = home / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
     run_dir = home / "run"
+    if done.exists():
+        result = json.loads(done.read_text())
+        if "skipped_rounds" not in result:  # written before the runner recorded it
+            result.update(round_health(_read_jsonl(run_dir / "rounds.jsonl")))
+        return result
     run_dir.mkdir(parents=True, exist_ok=True)
     (home / "config.json").write_text(json.dumps(exp.settings(), indent=2) + "\n")
     cmd = [sys.executable, str(ROOT / "simulate.py"), *exp.simulate_args(run_dir, device)]
@@ -614,12 +627,18 @@ def group_table(
         broken = [a for a, s in r["attacks"].items() if s.get("success_rate")]  # images only
         verdict = ", ".join(broken) or ("none" if r["attacks"] else "not audited")
         cells = [_cell(r["attacks"].get(a)) for a in attacks]
+        acc_text = "-" if acc is None else f"{acc:.3f}"
+        if r.get("skipped_rounds"):
+            acc_text += (
+                f" ({r['skipped_rounds']}/{len(r['accuracy'])} rounds skipped: "
+                f"{r.get('non_finite_replies', 0)} non-finite replies)"
+            )
         eps = r.get("epsilon")
         eps_text = "-" if eps is None else f"{eps:.3g}"
         if r.get("aggregate_only"):
             eps_text += " (sum only)"
         lines.append(
-            f"| {r['config']['defense']} | {acc:.3f} | {delta} | {eps_text} | {reach_text} | "
+            f"| {r['config']['defense']} | {acc_text} | {delta} | {eps_text} | {reach_text} | "
             f"{r['seconds_per_round']:.1f} | " + "".join(f"{c} | " for c in cells) + f"{verdict} |"
         )
         best = strongest(r)
@@ -722,7 +741,8 @@ def report(
         f"setting (`-` when `none` gained less than {100 * MIN_GAIN:.0f} points); its seconds "
         "count from the start of round 1, which includes starting Ray and the clients. Seconds "
         "per round: median wall time of rounds 2.. (training, messaging, evaluation; the "
-        "niced audit workers run alongside).",
+        "niced audit workers run alongside). `rounds skipped`: rounds in which no reply was "
+        "valid, so the global model stayed as it was (the run's log names each rejected reply).",
         "",
     ]
     points: list[dict[str, Any]] = []

@@ -177,6 +177,17 @@ def test_dp_and_secagg_presets_enter_the_grid_with_their_epsilon() -> None:
     assert "| dp-server | 0.700 | - | 12.5 |" in lines[2] and points[0]["epsilon"] == 12.5
 
 
+def test_a_run_that_stopped_training_says_so_in_its_row() -> None:
+    rounds = [{"skipped": None, "non_finite": 0}] + [
+        {"skipped": "only 0 valid replies, at least 1 needed", "non_finite": 4}
+    ] * 2
+    health = runner.round_health(rounds)
+    assert health == {"skipped_rounds": 2, "non_finite_replies": 8}
+    result = {**_result("dp-server", [0.07, 0.07, 0.07], {}), **health}
+    lines, _ = runner.group_table(("mnist", "mlp", "fedavg", 1), [result])
+    assert "| 0.070 (2/3 rounds skipped: 8 non-finite replies) |" in lines[2]
+
+
 def test_no_target_when_the_undefended_run_did_not_learn() -> None:
     results = [_result("none", [0.1, 0.12], {}), _result("precode", [0.1, 0.2], {})]
     lines, points = runner.group_table(("mnist", "convnet", "fedsgd", 1), results)
