@@ -188,6 +188,31 @@ def test_a_run_that_stopped_training_says_so_in_its_row() -> None:
     assert "| 0.070 (2/3 rounds skipped: 8 non-finite replies) |" in lines[2]
 
 
+def test_linkage_counts_reconstructions_that_re_identify_their_originals(tmp_path) -> None:
+    import torch
+
+    from precode_flower import data
+
+    train = data.load("mnist").train.tensors[0]
+    truth, foreign = train[:2], train[100:102]
+    result = _result("none", [0.1, 0.5], {"ig": _stats(0.0), "dlg": _stats(0.0)})
+    result["attacks"]["label-counts"] = {**_stats(None), "images": False}
+    recon = tmp_path / result["key"] / "run" / "reconstructions"
+    recon.mkdir(parents=True)
+    torch.save(truth, recon / "round0001_client0_original.pt")
+    # Blurred and dimmed, in swapped order (the matching undoes it): still linked.
+    blurred = torch.nn.functional.avg_pool2d(truth, 3, stride=1, padding=1) * 0.5
+    torch.save(blurred.flip(0), recon / "round0001_client0_ig.pt")
+    torch.save(foreign, recon / "round0001_client0_dlg.pt")
+    torch.save(torch.zeros_like(truth), recon / "round0001_client0_label-counts.pt")
+    linked = runner.linkage(result, tmp_path)
+    assert linked == {"ig": [2, 2], "dlg": [0, 2]}  # label attacks' placeholders are not images
+    lines, _ = runner.group_table(("mnist", "mlp", "fedsgd", 1), [{**result, "linked": linked}])
+    assert lines[0].endswith("| broken by | linked by |")
+    assert "· linked 2/2 |" in lines[2] and lines[2].endswith("| none | ig |")
+    assert runner.linked_verdict({"linked": {"ig": [1, 4]}}) == "none"
+
+
 def test_no_target_when_the_undefended_run_did_not_learn() -> None:
     results = [_result("none", [0.1, 0.12], {}), _result("precode", [0.1, 0.2], {})]
     lines, points = runner.group_table(("mnist", "convnet", "fedsgd", 1), results)

@@ -58,6 +58,23 @@ def test_match_undoes_permutation(cifar: data.DataBundle, images: torch.Tensor, 
     assert torch.equal(noisy[found], noisy[perm.argsort()])
 
 
+def test_identified_links_a_blurred_reconstruction_and_not_a_foreign_one(
+    cifar: data.DataBundle, images: torch.Tensor
+) -> None:
+    refs = cifar.test.tensors[0][3200:3299]
+    # Heavy blur and lost contrast: SSIM well under 0.6, yet nearest to its own original.
+    blurred = torch.nn.functional.avg_pool2d(images, 5, stride=1, padding=2) * 0.5
+    assert (metrics.ssim(blurred, images, cifar.mean, cifar.std) < 0.6).all()
+    assert metrics.identified(blurred, images, refs, cifar.mean, cifar.std).all()
+    # A reconstruction that is another image of the pool, or flat, is not linked to its original.
+    assert not metrics.identified(refs[:5], images, refs, cifar.mean, cifar.std).any()
+    flat = torch.zeros_like(images)
+    assert not metrics.identified(flat, images, refs, cifar.mean, cifar.std).any()
+    assert not metrics.identified(images.roll(1, 0), images, refs, cifar.mean, cifar.std).any()
+    with pytest.raises(ValueError, match="references have shape"):
+        metrics.identified(images, images, refs[..., :16], cifar.mean, cifar.std)
+
+
 def test_label_accuracy_is_order_free() -> None:
     assert metrics.label_accuracy([2, 1, 1], [1, 2, 1]) == 1.0
     assert metrics.label_accuracy([1, 1, 1], [1, 2, 3]) == pytest.approx(1 / 3)
