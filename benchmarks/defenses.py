@@ -54,6 +54,7 @@ from typing import Any
 from report import write_section  # benchmarks/ is on sys.path when run as a script
 
 from precode_flower.attacks.base import reconstructs_images
+from precode_flower.data import REFERENCE_POOL
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "Generated results"
@@ -568,30 +569,22 @@ def strongest(result: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
     return max(scored, key=lambda item: (item[1]["success_rate"], item[1].get("ssim") or 0.0))
 
 
-#: Other test images a reconstruction is compared with to link it to its original (chance
-#: of a link by luck: 1 in REFERENCES + 1).
-REFERENCES = 99
-
-
 @functools.cache
 def _references(dataset: str) -> Any:
-    """:data:`REFERENCES` test images of ``dataset`` (seeded: the same in every report)."""
-    import torch
-
+    """The seeded reference pool of ``dataset`` (the auditor's, the same in every report)."""
     from precode_flower import data
 
-    images = data.load(dataset).test.tensors[0]
-    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    return images[pick[:REFERENCES]]
+    return data.reference_pool(data.load(dataset))
 
 
 def linkage(result: Mapping[str, Any], results_dir: Path) -> dict[str, list[int]]:
     """Per image attack: [images linked to their original, images scored], over the
     audited updates whose originals and reconstructions the run saved.
 
-    A reconstruction is linked when it resembles its own original more than every one of
-    :data:`REFERENCES` other test images (:func:`precode_flower.metrics.identified`), after
-    the same matching as the audit's scores. Updates without a saved original (an
+    A reconstruction is linked when it resembles its own original more than every image of
+    the dataset's reference pool (:func:`precode_flower.data.reference_pool`;
+    :func:`precode_flower.metrics.identified`), after the same matching as the audit's
+    scores. Updates without a saved original (an
     aggregate's examples are scored against the partitions, not saved as one batch) are
     left out.
     """
@@ -822,8 +815,9 @@ def report(
         "niced audit workers run alongside). `rounds skipped`: rounds in which no reply was "
         "valid, so the global model stayed as it was (the run's log names each rejected reply). "
         f"`linked k/n`: of n reconstructed images, k resemble their own original (pixel "
-        f"correlation) more than any of {REFERENCES} other test images, a re-identification "
-        f"test that needs no threshold (chance: 1 in {REFERENCES + 1}; SSIM >= 0.6 misses "
+        f"correlation) more than any of {REFERENCE_POOL} other test images, a "
+        f"re-identification test that needs no threshold (chance: 1 in {REFERENCE_POOL + 1}; "
+        "SSIM >= 0.6 misses "
         "recognisable but blurred digits); `linked by`: the attacks that linked at least "
         "half of the audited images.",
         "",

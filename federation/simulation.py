@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 import precode_flower
-from precode_flower import heap, task
+from precode_flower import data, heap, task
 from precode_flower.private import private_dir
 from precode_flower.strategies.auditor import (
     add_audit_args,
@@ -385,7 +385,15 @@ def main(
 
     _configure_logging(args.verbose)
     try:  # starts the audit workers; fails here on a senseless budget or device
-        audit = audit_from_args(args, out, ground_truth=cfg.audit_ground_truth)
+        # Test images as the re-identification pool: no client trains on them.
+        references = (
+            data.reference_pool(data.load(cfg.dataset, cfg.data_dir or None))
+            if args.audit and cfg.audit_ground_truth
+            else None
+        )
+        audit = audit_from_args(
+            args, out, ground_truth=cfg.audit_ground_truth, references=references
+        )
     except ValueError as err:
         parser.error(str(err))
 

@@ -41,6 +41,7 @@ __all__ = [
     "denormalize",
     "load",
     "normalize",
+    "reference_pool",
     "shape_and_classes",
 ]
 
@@ -175,6 +176,21 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+
+#: Test images a reconstruction is compared with to link it to its original.
+REFERENCE_POOL = 99
+
+
+def reference_pool(bundle: DataBundle, size: int = REFERENCE_POOL, seed: int = 0) -> Tensor:
+    """``size`` test images of ``bundle``, seeded: the candidates against which a
+    reconstruction is linked to its original (:func:`precode_flower.metrics.identified`).
+    From the test split, so no training example (an original) is among them."""
+    images = bundle.test.tensors[0]
+    if not 1 <= size <= len(images):
+        raise ValueError(f"reference pool of {size} from {len(images)} test images")
+    pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    return images[pick[:size]].clone()
 
 
 def _channel_view(values: Sequence[float] | Tensor, like: Tensor) -> Tensor:

@@ -606,6 +606,10 @@ class Auditor(Observed):
         model_fn, data_spec, kind, defense, close_timeout: see :class:`AuditObserver`.
         observers, validator, sort_replies: passed to :class:`Observed`.
         attack_options: per-attack options, e.g. ``{"ig": {"tv": 1e-4}}``.
+        references: images none of the clients trained on (e.g. test images,
+            :func:`precode_flower.data.reference_pool`): scored reconstructions are also
+            tested for re-identification against them; see
+            :class:`precode_flower.audit.LeakageAuditor`.
 
     Use it as a context manager (``with strategy: strategy.start(...)``) or call
     :meth:`close` at the end: that waits for the pending attacks and writes the summary. An
@@ -649,6 +653,7 @@ class Auditor(Observed):
         validator: Any = None,
         sort_replies: bool = False,
         progress: bool = True,
+        references: torch.Tensor | None = None,
     ) -> None:
         # The model first: a model that cannot be built fails before any process starts.
         factory = model_factory(model) if model is not None else None
@@ -666,6 +671,7 @@ class Auditor(Observed):
             seed=seed,
             attack_options=attack_options,
             progress=progress,
+            references=references,
         )
         try:
             self.audit = AuditObserver(
@@ -838,11 +844,16 @@ def simulation_ground_truth(args: argparse.Namespace) -> bool:
 
 
 def audit_from_args(
-    args: argparse.Namespace, out_dir: str | os.PathLike[str], *, ground_truth: bool
+    args: argparse.Namespace,
+    out_dir: str | os.PathLike[str],
+    *,
+    ground_truth: bool,
+    references: torch.Tensor | None = None,
 ) -> AuditObserver | None:
     """The observer the flags ask for (None without ``--audit``); ValueError on bad budgets.
 
-    With ``args.resume`` set the audit continues the run directory's ``leakage.jsonl``.
+    With ``args.resume`` set the audit continues the run directory's ``leakage.jsonl``;
+    ``references`` is the re-identification pool (:class:`LeakageAuditor`).
     """
     if not args.audit:
         return None
@@ -857,6 +868,7 @@ def audit_from_args(
         memory_gb=getattr(args, "audit_memory_gb", None),
         seed=getattr(args, "seed", 0),
         append=bool(getattr(args, "resume", None)),  # a resumed run keeps its earlier rows
+        references=references,
     )
     return AuditObserver(auditor, ground_truth=ground_truth, close_timeout=args.audit_wait)
 

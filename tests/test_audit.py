@@ -225,3 +225,29 @@ def test_verdicts_tell_the_truth() -> None:
     assert verdicts(failed, ["ig"])[0].startswith("NO EVIDENCE under defense precode")
     text = summarize([_row("ig", 0.2)], ["ig"]).lower()
     assert "safe" not in text and "never a proof of privacy" in text
+
+
+def test_a_re_identified_reconstruction_is_a_leak_even_under_the_ssim_bar() -> None:
+    linked = {"linked": 2, "per_image": {"linked": [True, True]}, "references": 99}
+    rows = [_row("ig", 0.45, batch_size=2, **linked)]
+    line = verdicts(rows, ["ig"])[0]
+    assert line.startswith("LEAK: ig reconstructed no image to SSIM 0.60 (mean 0.45) but linked")
+    assert "linked 2/2 to their originals" in line
+    assert "more than any of 99 other images; chance 1 in 100" in line
+    # One link in four is not claimed as a leak (the bar is half), nor is a row without the test.
+    weak = {"linked": 1, "per_image": {"linked": [True, False, False, False]}, "references": 99}
+    assert verdicts([_row("ig", 0.1, batch_size=4, **weak)], ["ig"])[0].startswith("NO LEAK")
+    assert verdicts([_row("ig", 0.45)], ["ig"])[0].startswith("NO LEAK")
+    assert "| 2/2 |" in summarize(rows, ["ig"])
+
+
+def test_the_auditor_links_reconstructions_against_a_reference_pool(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="references"):
+        LeakageAuditor(tmp_path / "bad", ["analytic"], references=torch.zeros(3, 8))
+    pool = data(20, seed=99)[0]  # no client example is among them
+    auditor = LeakageAuditor(tmp_path, ["analytic"], references=pool)
+    assert auditor.submit_many([job(1, 0)]) == [True]
+    assert auditor.wait(120)
+    auditor.close()
+    (row,) = read_rows(tmp_path)
+    assert row["linked"] == 1 and row["per_image"]["linked"] == [True] and row["references"] == 20

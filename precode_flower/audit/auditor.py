@@ -111,6 +111,12 @@ class LeakageAuditor:
         append: continue an existing ``leakage.jsonl`` (a resumed run) instead of starting
             it afresh; a later row for the same (round, client, attack) supersedes an
             earlier one in the summary.
+        references: (N, C, H, W) candidate images, normalised like the inputs and none of
+            them a client's example (e.g. :func:`precode_flower.data.reference_pool`). Each
+            scored reconstruction is then also tested for re-identification
+            (:func:`precode_flower.metrics.identified`): rows carry ``linked`` (images that
+            resemble their own original more than every candidate), which the verdict
+            reports next to SSIM. None: no such test.
 
     Raises:
         ValueError: on an unknown attack or a senseless budget, before any process starts.
@@ -137,8 +143,15 @@ class LeakageAuditor:
         progress: bool = True,
         print_summary: bool = True,
         append: bool = False,
+        references: torch.Tensor | None = None,
     ) -> None:
         self.attacks = validate_attacks(attacks)
+        if references is not None and (
+            not isinstance(references, torch.Tensor) or references.dim() != 4 or not len(references)
+        ):
+            raise ValueError("references must be a non-empty (N, C, H, W) tensor of images")
+        #: Candidates for the re-identification test (None: not run).
+        self.references = None if references is None else references.detach().float().cpu()
         _check_int("every", every, 1)
         if clients_per_round is not None:
             _check_int("clients_per_round", clients_per_round, 1)
@@ -281,6 +294,12 @@ class LeakageAuditor:
                     meta["aggregate_only"] = True
                 if payload["ground_truth"] is None:
                     meta["unscored_reason"] = job.unscored_reason or "no ground truth in the job"
+                elif (
+                    self.references is not None
+                    and payload["truth_kind"] == "batch"
+                    and tuple(self.references.shape[1:]) == payload["input_shape"]
+                ):
+                    payload["references"] = self.references
                 if meta["defense"] not in self._defenses:
                     self._defenses.append(meta["defense"])
                 if self.start_failure is not None:

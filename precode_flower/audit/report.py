@@ -49,6 +49,27 @@ def image_successes(row: Mapping[str, Any], success_ssim: float) -> tuple[int, i
     return (total if row.get("success") else 0), total
 
 
+def linked_images(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int, int] | None:
+    """(images linked to their originals, images tested, size of the reference pool) over
+    the rows that ran the re-identification test, or None if none did."""
+    tested = [r for r in rows if r.get("linked") is not None]
+    if not tested:
+        return None
+    total = 0
+    for r in tested:
+        flags = (r.get("per_image") or {}).get("linked")
+        total += len(flags) if isinstance(flags, list) else int(r.get("batch_size") or 1)
+    return sum(int(r["linked"]) for r in tested), total, int(tested[0].get("references") or 0)
+
+
+def _linked_text(link: tuple[int, int, int]) -> str:
+    k, n, pool = link
+    return (
+        f"linked {k}/{n} to their originals (each resembles its own original more than any "
+        f"of {pool} other images; chance 1 in {pool + 1})"
+    )
+
+
 def round_leakage(rows: Sequence[Mapping[str, Any]], attacks: Sequence[str]) -> str:
     """Compact per-attack leakage of one round: ``"analytic 2/2 ssim 1.00, ig 0/2 ssim 0.12"``.
 
@@ -138,8 +159,17 @@ def verdicts(
                         + (f"; even-count guess {_fmt(base)})" if base is not None else ")")
                     )
                 elif k:
+                    link = linked_images(a_rows)
                     leaks.append(
-                        f"{attack} reconstructed {k}/{n} audited images (SSIM {_fmt(ssim)})"
+                        f"{attack} reconstructed {k}/{n} audited images (SSIM {_fmt(ssim)}"
+                        + (f"; {_linked_text(link)})" if link else ")")
+                    )
+                elif images and (link := linked_images(a_rows)) and 2 * link[0] >= link[1] > 0:
+                    # SSIM misses blurred or low-contrast reconstructions that still show
+                    # whose example it was: a re-identification is a leak too.
+                    leaks.append(
+                        f"{attack} reconstructed no image to SSIM {success_ssim:.2f} (mean "
+                        f"{_fmt(ssim)}) but {_linked_text(link)}"
                     )
             note = f" ({'; '.join(notes)})" if notes else ""
             if leaks:
@@ -252,7 +282,13 @@ def summarize(
         out.append(
             "Scored against the clients' true data from the explicit ground-truth channel "
             f"({_truth_source(rows)}); "
-            f"success = SSIM >= {success_ssim:.2f}."
+            f"success = SSIM >= {success_ssim:.2f}"
+            + (
+                "; *linked*: reconstructions that resemble their own original more than every "
+                "image of a reference pool (a re-identification test)."
+                if any(r.get("linked") is not None for r in rows)
+                else "."
+            )
         )
     else:
         out.append(
@@ -283,9 +319,9 @@ def summarize(
         "## Per attack",
         "",
         "| defense | attack | runs | ok | error | timeout | dropped | skipped | images recovered "
-        "| mean PSNR (dB) "
+        "| images linked | mean PSNR (dB) "
         "| mean SSIM | label acc. | mean s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     all_defenses = list(defenses or dict.fromkeys(str(r.get("defense", "none")) for r in rows))
     for defense in all_defenses:
@@ -306,9 +342,12 @@ def summarize(
             ssim = _mean(r.get("ssim") for r in scored) if images else None
             acc = _mean(r.get("label_accuracy") for r in scored)
             secs = _mean(r.get("seconds") for r in mine if r.get("status") == "ok")
+            link = linked_images(scored) if images else None
+            linked = f"{link[0]}/{link[1]}" if link else "n/a"
             out.append(
                 f"| {defense} | {attack} | {len(mine)} | {count['ok']} | {count['error']} | "
                 f"{count['timeout']} | {count['dropped']} | {count['skipped']} | {rate} | "
+                f"{linked} | "
                 f"{_fmt(psnr, '.1f')} | "
                 f"{_fmt(ssim)} | {_fmt(acc)} | {_fmt(secs, '.1f')} |"
             )

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..attacks import ATTACKS
-from ..attacks.base import spec
+from ..attacks.base import reconstructs_images, spec
 from ..local_training import LocalTraining
 from .budget import apply_hard_limit, gb, is_out_of_memory
 from .jobs import copy_model
@@ -98,7 +98,7 @@ def _run_attack(
     """Run one attack on one update; score it where ground truth came with the job."""
     from ..attacks import reconstruct
     from ..ground_truth import score_against_partition
-    from ..metrics import score
+    from ..metrics import identified, score
 
     fn = ATTACKS[attack]
     tensors, extra, pseudo = attack_inputs(payload, attack)
@@ -136,6 +136,13 @@ def _run_attack(
             scores.pop(key, None)
         row.update(scores)
         row["scored"] = True
+        refs = payload.get("references")
+        if refs is not None and reconstructs_images(attack) and "match" in scores:
+            matched = result.images[torch.as_tensor(scores["match"])]
+            hits = identified(matched, x, refs, payload["mean"], payload["std"])
+            row["linked"] = int(hits.sum())
+            row["per_image"]["linked"] = hits.tolist()
+            row["references"] = len(refs)
         if row.get("label_accuracy") is not None and len(y) > 1:
             row["label_baseline"] = even_count_baseline(model, payload, y)
     images = None if result.images is None else result.images.detach().cpu()
