@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from . import data, metrics, models, plotting, settings, training
 from .attacks import ATTACKS, reconstruct
 from .attacks import memory as attack_memory
-from .attacks.base import spec
+from .attacks.base import reconstructs_images, spec
 from .audit import budget
 from .defenses import DEFENSES, DefenseParams, apply_model_defenses
 from .private import private_dir
@@ -239,6 +239,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     fp = attack_memory.footprint(model, bundle.input_shape)
     batches = [indices[i : i + args.batch_size] for i in range(0, len(indices), args.batch_size)]
     originals = [x_test[idx] for idx in batches]
+    # Re-identification candidates: other test images, none of those attacked.
+    pool = data.reference_pool(bundle, exclude=indices)
     grid: dict[str, list[torch.Tensor]] = {a: [] for a in args.attacks}
     failed = 0
     for b, idx in enumerate(tqdm(batches, desc="batches", file=sys.stderr)):
@@ -293,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _emit({**common, "attack": name, "batch": b, "indices": idx, "error": error})
                 grid[name].append(torch.zeros_like(originals[b]))
                 continue
-            grid[name].append(result.images[torch.as_tensor(scores["match"])])
+            matched = result.images[torch.as_tensor(scores["match"])]
+            grid[name].append(matched)
+            linked = metrics.identified(matched, x.cpu(), pool, bundle.mean, bundle.std)
             per = scores["per_image"]
             for i, index in enumerate(idx):
                 correct = per["label_correct"]
@@ -309,6 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "mse": per["mse"][i],
                         "label_correct": None if correct is None else correct[i],
                         "success": per["ssim"][i] >= args.success_ssim,
+                        # Resembles its original more than any of the pool's images.
+                        "linked": bool(linked[i]) if reconstructs_images(name) else None,
                         "recovered": scores["recovered"],
                         "seconds": scores["seconds"],
                         "loss": scores["loss"],

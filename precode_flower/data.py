@@ -182,14 +182,22 @@ class DataBundle:
 REFERENCE_POOL = 99
 
 
-def reference_pool(bundle: DataBundle, size: int = REFERENCE_POOL, seed: int = 0) -> Tensor:
+def reference_pool(
+    bundle: DataBundle,
+    size: int = REFERENCE_POOL,
+    seed: int = 0,
+    exclude: Sequence[int] = (),
+) -> Tensor:
     """``size`` test images of ``bundle``, seeded: the candidates against which a
     reconstruction is linked to its original (:func:`precode_flower.metrics.identified`).
-    From the test split, so no training example (an original) is among them."""
+    From the test split, so no training example (an original) is among them; ``exclude``
+    leaves out test indices (those being attacked, when the originals are test images)."""
     images = bundle.test.tensors[0]
-    if not 1 <= size <= len(images):
-        raise ValueError(f"reference pool of {size} from {len(images)} test images")
     pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    if exclude:
+        pick = pick[~torch.isin(pick, torch.as_tensor(list(exclude), dtype=pick.dtype))]
+    if not 1 <= size <= len(pick):
+        raise ValueError(f"reference pool of {size} from {len(pick)} test images")
     return images[pick[:size]].clone()
 
 

@@ -39,6 +39,7 @@ def test_cli_analytic_end_to_end(tmp_path: Path) -> None:
         assert row["attack"] == "analytic" and row["defense"] == "precode"
         assert row["psnr"] > 100 and row["ssim"] > 0.99
         assert row["label_correct"] is True and row["success"] is True
+        assert row["linked"] is True  # an exact reconstruction re-identifies its original
     grid = out / "grid.png"
     assert stat.S_IMODE(grid.stat().st_mode) == 0o600
 

@@ -75,6 +75,19 @@ def test_identified_links_a_blurred_reconstruction_and_not_a_foreign_one(
         metrics.identified(images, images, refs[..., :16], cifar.mean, cifar.std)
 
 
+def test_the_reference_pool_is_seeded_and_leaves_out_what_is_attacked(
+    cifar: data.DataBundle,
+) -> None:
+    pool = data.reference_pool(cifar)
+    assert pool.shape == (data.REFERENCE_POOL, 3, 32, 32)
+    assert torch.equal(pool, data.reference_pool(cifar))
+    first = data.reference_pool(cifar, size=1)[0]
+    index = next(i for i, x in enumerate(cifar.test.tensors[0]) if torch.equal(x, first))
+    assert not torch.equal(data.reference_pool(cifar, size=1, exclude=[index])[0], first)
+    with pytest.raises(ValueError, match="reference pool"):
+        data.reference_pool(cifar, size=0)
+
+
 def test_label_accuracy_is_order_free() -> None:
     assert metrics.label_accuracy([2, 1, 1], [1, 2, 1]) == 1.0
     assert metrics.label_accuracy([1, 1, 1], [1, 2, 3]) == pytest.approx(1 / 3)
