@@ -239,6 +239,10 @@ def test_a_re_identified_reconstruction_is_a_leak_even_under_the_ssim_bar() -> N
     assert verdicts([_row("ig", 0.1, batch_size=4, **weak)], ["ig"])[0].startswith("NO LEAK")
     assert verdicts([_row("ig", 0.45)], ["ig"])[0].startswith("NO LEAK")
     assert "| 2/2 |" in summarize(rows, ["ig"])
+    both = verdicts([_row("ig", 0.8, **{**linked, "batch_size": 2})], ["ig"])[0]
+    assert both.startswith(
+        "LEAK: ig reconstructed 2/2 audited images (SSIM 0.80; 2/2 re-identified)"
+    )
 
 
 def test_the_auditor_links_reconstructions_against_a_reference_pool(tmp_path: Path) -> None:

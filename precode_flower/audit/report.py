@@ -162,7 +162,7 @@ def verdicts(
                     link = linked_images(a_rows)
                     leaks.append(
                         f"{attack} reconstructed {k}/{n} audited images (SSIM {_fmt(ssim)}"
-                        + (f"; {_linked_text(link)})" if link else ")")
+                        + (f"; {link[0]}/{link[1]} re-identified)" if link else ")")
                     )
                 elif images and (link := linked_images(a_rows)) and 2 * link[0] >= link[1] > 0:
                     # SSIM misses blurred or low-contrast reconstructions that still show
