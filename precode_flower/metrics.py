@@ -167,32 +167,38 @@ def identified(
     mean: Stats = None,
     std: Stats = None,
 ) -> Tensor:
-    """(B,) bool: whether ``recon[i]`` resembles ``originals[i]`` more than every reference.
+    """(B,) bool: whether the reconstructions re-identify each of the B originals.
 
     A re-identification test: given a pool of candidate images (``references``, other
-    images of the same dataset, none of them an original), could one link the
-    reconstruction to the client's own example? Resemblance is the Pearson correlation of
-    the pixels, so a reconstruction with the wrong brightness or contrast (common in
-    gradient inversion) still links, and a flat one links to nothing. It needs no threshold
-    and no labels; a reconstruction that carries nothing of its original passes by chance
-    with probability ``1 / (len(references) + 1)``. It complements SSIM, which scores
-    recognisable but blurred or low-contrast reconstructions (typical of MNIST digits and
-    CNN models) below 0.6. ``recon`` must already be matched to ``originals``
-    (:func:`match`).
+    images of the same dataset, none of them an original), could one tell which candidate
+    was the client's example? Each candidate image is scored by its best resemblance to any
+    reconstruction, resemblance being the Pearson correlation of the pixels (so a
+    reconstruction with the wrong brightness or contrast, common in gradient inversion,
+    still counts, and a flat one resembles nothing). Original ``i`` is identified when it
+    scores above every reference. Originals and references are scored alike, so when the
+    reconstructions carry nothing of the originals an original wins by chance with
+    probability ``1 / (len(references) + 1)``, whatever the batch size. No threshold and no
+    labels are involved. The order of ``recon`` does not matter, and neither does its
+    length. It complements SSIM, which scores recognisable but blurred or low-contrast
+    reconstructions (typical of MNIST digits and CNN models) below 0.6.
     """
-    a, b = _pair(recon, originals, mean, std)
+    a, b = to_pixels(recon, mean, std), to_pixels(originals, mean, std)
     refs = to_pixels(references, mean, std)
-    if refs.shape[1:] != a.shape[1:]:
-        raise ValueError(f"references have shape {tuple(refs.shape[1:])}, images {a.shape[1:]}")
+    if not a.shape[1:] == b.shape[1:] == refs.shape[1:]:
+        raise ValueError(
+            f"image shapes differ: reconstructions {tuple(a.shape[1:])}, originals "
+            f"{tuple(b.shape[1:])}, references {tuple(refs.shape[1:])}"
+        )
 
     def unit(x: Tensor) -> Tensor:
         x = x.flatten(1).double()
         x = x - x.mean(1, keepdim=True)
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # flat image: all zeros
 
-    ua, ub, ur = unit(a), unit(b), unit(refs)
-    own = (ua * ub).sum(1)
-    return (own > (ua @ ur.T).max(1).values) & (own > 0)
+    ua = unit(a)
+    own = (unit(b) @ ua.T).max(1).values  # each original's best-resembling reconstruction
+    best_reference = (unit(refs) @ ua.T).max()
+    return (own > best_reference) & (own > 0)
 
 
 def _finite(value: float | None) -> float | None:

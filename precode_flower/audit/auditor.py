@@ -114,9 +114,9 @@ class LeakageAuditor:
         references: (N, C, H, W) candidate images, normalised like the inputs and none of
             them a client's example (e.g. :func:`precode_flower.data.reference_pool`). Each
             scored reconstruction is then also tested for re-identification
-            (:func:`precode_flower.metrics.identified`): rows carry ``linked`` (images that
-            resemble their own original more than every candidate), which the verdict
-            reports next to SSIM. None: no such test.
+            (:func:`precode_flower.metrics.identified`): rows carry ``linked`` (originals
+            that some reconstruction resembles more than it resembles any candidate), which
+            the verdict reports next to SSIM. None: no such test.
 
     Raises:
         ValueError: on an unknown attack or a senseless budget, before any process starts.

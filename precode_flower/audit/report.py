@@ -65,8 +65,8 @@ def linked_images(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int, int] | N
 def _linked_text(link: tuple[int, int, int]) -> str:
     k, n, pool = link
     return (
-        f"linked {k}/{n} to their originals (each resembles its own original more than any "
-        f"of {pool} other images; chance 1 in {pool + 1})"
+        f"re-identified {k}/{n} of them among {pool} other images (chance 1 in {pool + 1}; "
+        "about 1 in 10 from the class alone)"
     )
 
 

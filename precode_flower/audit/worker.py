@@ -137,9 +137,8 @@ def _run_attack(
         row.update(scores)
         row["scored"] = True
         refs = payload.get("references")
-        if refs is not None and reconstructs_images(attack) and "match" in scores:
-            matched = result.images[torch.as_tensor(scores["match"])]
-            hits = identified(matched, x, refs, payload["mean"], payload["std"])
+        if refs is not None and reconstructs_images(attack):
+            hits = identified(result.images, x, refs, payload["mean"], payload["std"])
             row["linked"] = int(hits.sum())
             row["per_image"]["linked"] = hits.tolist()
             row["references"] = len(refs)
