@@ -172,9 +172,10 @@ def identified(
     A re-identification test: given a pool of candidate images (``references``, other
     images of the same dataset, none of them an original), could one tell which candidate
     was the client's example? Each candidate image is scored by its best resemblance to any
-    reconstruction, resemblance being the Pearson correlation of the pixels (so a
-    reconstruction with the wrong brightness or contrast, common in gradient inversion,
-    still counts, and a flat one resembles nothing). Original ``i`` is identified when it
+    reconstruction, resemblance being the correlation of the pixels, each channel centred
+    on its mean (so a reconstruction with the wrong brightness or contrast, common in
+    gradient inversion, still counts, a flat one resembles nothing, and a shared colour
+    cast is not resemblance). Original ``i`` is identified when it
     scores above every reference. Originals and references are scored alike, so when the
     reconstructions carry nothing of the originals an original wins by chance with
     probability ``1 / (len(references) + 1)``, whatever the batch size. No threshold and no
@@ -191,8 +192,10 @@ def identified(
         )
 
     def unit(x: Tensor) -> Tensor:
-        x = x.flatten(1).double()
-        x = x - x.mean(1, keepdim=True)
+        # Each channel centred on its own mean: a colour cast alone (which a noise image can
+        # share with its original) is not resemblance.
+        x = x.flatten(2).double()
+        x = (x - x.mean(2, keepdim=True)).flatten(1)
         return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)  # flat image: all zeros
 
     ua = unit(a)

@@ -227,11 +227,12 @@ def test_verdicts_tell_the_truth() -> None:
     assert "safe" not in text and "never a proof of privacy" in text
 
 
-def test_a_re_identified_reconstruction_is_a_leak_even_under_the_ssim_bar() -> None:
+def test_a_re_identified_reconstruction_is_a_possible_leak_under_the_ssim_bar() -> None:
     linked = {"linked": 2, "per_image": {"linked": [True, True]}, "references": 99}
     rows = [_row("ig", 0.45, batch_size=2, **linked)]
     line = verdicts(rows, ["ig"])[0]
-    assert line.startswith("LEAK: ig reconstructed no image to SSIM 0.60 (mean 0.45) but re-id")
+    assert line.startswith("POSSIBLE LEAK: ig reconstructed no image to SSIM 0.60 (mean 0.45)")
+    assert "look at them" in line
     assert "re-identified 2/2 of them among 99 other images (chance 1 in 100" in line
     # One link in four is not claimed as a leak (the bar is half), nor is a row without the test.
     weak = {"linked": 1, "per_image": {"linked": [True, False, False, False]}, "references": 99}

@@ -132,7 +132,7 @@ def verdicts(
         elif not ok:
             lines.append(f"NO EVIDENCE {under}: every attack run failed{fail_note}.")
         elif scored:
-            leaks, best, notes = [], None, []
+            leaks, possible, best, notes = [], [], None, []
             for attack in attacks:
                 a_rows = [r for r in scored if r.get("attack") == attack]
                 if not a_rows:
@@ -166,14 +166,23 @@ def verdicts(
                     )
                 elif images and (link := linked_images(a_rows)) and 2 * link[0] >= link[1] > 0:
                     # SSIM misses blurred or low-contrast reconstructions that still show
-                    # whose example it was: a re-identification is a leak too.
-                    leaks.append(
+                    # whose example it was; but a link can also come from a faint signal
+                    # nobody would recognise, so it is reported as possible, not proven.
+                    possible.append(
                         f"{attack} reconstructed no image to SSIM {success_ssim:.2f} (mean "
                         f"{_fmt(ssim)}) but {_linked_text(link)}"
                     )
             note = f" ({'; '.join(notes)})" if notes else ""
             if leaks:
-                lines.append(f"LEAK: {'; '.join(leaks)} {where}{fail_note}.{note}")
+                also = f" Also: {'; '.join(possible)}." if possible else ""
+                lines.append(f"LEAK: {'; '.join(leaks)} {where}{fail_note}.{note}{also}")
+            elif possible:
+                lines.append(
+                    f"POSSIBLE LEAK: {'; '.join(possible)} {where}{fail_note}.{note} The "
+                    "reconstructions resemble the clients' examples more than other images do; "
+                    "look at them: they may be recognisable under the SSIM bar, or carry only a "
+                    "faint trace."
+                )
             else:
                 tried = ", ".join(a for a in attacks if any(r.get("attack") == a for r in scored))
                 best_text = f"; best mean SSIM {best[1]:.2f} by {best[0]}" if best else ""
