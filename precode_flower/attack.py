@@ -313,7 +313,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "mse": per["mse"][i],
                         "label_correct": None if correct is None else correct[i],
                         "success": per["ssim"][i] >= args.success_ssim,
-                        # Resembles its original more than any of the pool's images.
+                        # Re-identified: some reconstruction resembles this image more
+                        # than any reconstruction resembles a pool image.
                         "linked": bool(linked[i]) if reconstructs_images(name) else None,
                         "recovered": scores["recovered"],
                         "seconds": scores["seconds"],

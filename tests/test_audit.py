@@ -228,14 +228,22 @@ def test_verdicts_tell_the_truth() -> None:
 
 
 def test_a_re_identified_reconstruction_is_a_possible_leak_under_the_ssim_bar() -> None:
-    linked = {"linked": 2, "per_image": {"linked": [True, True]}, "references": 99}
+    linked = {"linked": 2, "per_image": {"linked": [True, True]}, "references": 99, "classes": 10}
     rows = [_row("ig", 0.45, batch_size=2, **linked)]
     line = verdicts(rows, ["ig"])[0]
     assert line.startswith("POSSIBLE LEAK: ig reconstructed no image to SSIM 0.60 (mean 0.45)")
     assert "look at them" in line
-    assert "re-identified 2/2 of them among 99 other images (chance 1 in 100" in line
+    assert "re-identified 2/2 of them among 99 other images (chance 1 in 100; about 1 in 11" in line
+    # With 100 classes the class alone links about half: 2/2 is needed, 1/2 is not enough.
+    many = {**linked, "classes": 100, "linked": 1, "per_image": {"linked": [True, False]}}
+    assert verdicts([_row("ig", 0.45, batch_size=2, **many)], ["ig"])[0].startswith("NO LEAK")
     # One link in four is not claimed as a leak (the bar is half), nor is a row without the test.
-    weak = {"linked": 1, "per_image": {"linked": [True, False, False, False]}, "references": 99}
+    weak = {
+        "linked": 1,
+        "per_image": {"linked": [True, False, False, False]},
+        "references": 99,
+        "classes": 10,
+    }
     assert verdicts([_row("ig", 0.1, batch_size=4, **weak)], ["ig"])[0].startswith("NO LEAK")
     assert verdicts([_row("ig", 0.45)], ["ig"])[0].startswith("NO LEAK")
     assert "| 2/2 |" in summarize(rows, ["ig"])
@@ -255,3 +263,4 @@ def test_the_auditor_links_reconstructions_against_a_reference_pool(tmp_path: Pa
     auditor.close()
     (row,) = read_rows(tmp_path)
     assert row["linked"] == 1 and row["per_image"]["linked"] == [True] and row["references"] == 20
+    assert row["classes"] == 4

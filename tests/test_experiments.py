@@ -210,7 +210,11 @@ def test_linkage_counts_reconstructions_that_re_identify_their_originals(tmp_pat
     lines, _ = runner.group_table(("mnist", "mlp", "fedsgd", 1), [{**result, "linked": linked}])
     assert lines[0].endswith("| broken by | linked by |")
     assert "· linked 2/2 |" in lines[2] and lines[2].endswith("| none | ig |")
-    assert runner.linked_verdict({"linked": {"ig": [1, 4]}}) == "none"
+    assert runner.linked_verdict({**result, "linked": {"ig": [1, 4]}}) == "none"
+    # CIFAR-100: about one same-class image in the pool, so the class alone links half.
+    hundred = {**result, "config": {**result["config"], "dataset": "cifar100"}}
+    assert runner.linked_verdict({**hundred, "linked": {"ig": [3, 4]}}) == "none"
+    assert runner.linked_verdict({**hundred, "linked": {"ig": [4, 4]}}) == "ig"
 
 
 def test_no_target_when_the_undefended_run_did_not_learn() -> None:

@@ -49,9 +49,21 @@ def image_successes(row: Mapping[str, Any], success_ssim: float) -> tuple[int, i
     return (total if row.get("success") else 0), total
 
 
-def linked_images(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int, int] | None:
-    """(images linked to their originals, images tested, size of the reference pool) over
-    the rows that ran the re-identification test, or None if none did."""
+def class_chance(pool: int, classes: int | None) -> float:
+    """How often an example is re-identified when the reconstructions carry only its class:
+    it must beat the pool's images of that class, about ``pool / classes`` of them."""
+    return 1.0 / (1.0 + pool / classes) if classes else 1.0 / (pool + 1)
+
+
+def re_identifies(linked: int, tested: int, chance: float) -> bool:
+    """Whether ``linked`` of ``tested`` examples is reported as a (possible) leak: at least
+    half of them, and at least twice what the class alone would link."""
+    return tested > 0 and linked / tested >= max(0.5, min(1.0, 2 * chance))
+
+
+def linked_images(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int, int, float] | None:
+    """(examples re-identified, examples tested, size of the reference pool, the rate the
+    class alone gives) over the rows that ran the re-identification test, or None."""
     tested = [r for r in rows if r.get("linked") is not None]
     if not tested:
         return None
@@ -59,14 +71,16 @@ def linked_images(rows: Iterable[Mapping[str, Any]]) -> tuple[int, int, int] | N
     for r in tested:
         flags = (r.get("per_image") or {}).get("linked")
         total += len(flags) if isinstance(flags, list) else int(r.get("batch_size") or 1)
-    return sum(int(r["linked"]) for r in tested), total, int(tested[0].get("references") or 0)
+    pool = int(tested[0].get("references") or 0)
+    chance = class_chance(pool, tested[0].get("classes"))
+    return sum(int(r["linked"]) for r in tested), total, pool, chance
 
 
-def _linked_text(link: tuple[int, int, int]) -> str:
-    k, n, pool = link
+def _linked_text(link: tuple[int, int, int, float]) -> str:
+    k, n, pool, chance = link
     return (
         f"re-identified {k}/{n} of them among {pool} other images (chance 1 in {pool + 1}; "
-        "about 1 in 10 from the class alone)"
+        f"about 1 in {1 / chance:.0f} from the class alone)"
     )
 
 
@@ -164,7 +178,9 @@ def verdicts(
                         f"{attack} reconstructed {k}/{n} audited images (SSIM {_fmt(ssim)}"
                         + (f"; {link[0]}/{link[1]} re-identified)" if link else ")")
                     )
-                elif images and (link := linked_images(a_rows)) and 2 * link[0] >= link[1] > 0:
+                elif (
+                    images and (link := linked_images(a_rows)) and re_identifies(*link[:2], link[3])
+                ):
                     # SSIM misses blurred or low-contrast reconstructions that still show
                     # whose example it was; but a link can also come from a faint signal
                     # nobody would recognise, so it is reported as possible, not proven.
@@ -293,8 +309,9 @@ def summarize(
             f"({_truth_source(rows)}); "
             f"success = SSIM >= {success_ssim:.2f}"
             + (
-                "; *linked*: reconstructions that resemble their own original more than every "
-                "image of a reference pool (a re-identification test)."
+                "; *linked*: examples that some reconstruction resembles more than any "
+                "reconstruction resembles an image of a reference pool (a re-identification "
+                "test)."
                 if any(r.get("linked") is not None for r in rows)
                 else "."
             )

@@ -142,10 +142,22 @@ def _run_attack(
             row["linked"] = int(hits.sum())
             row["per_image"]["linked"] = hits.tolist()
             row["references"] = len(refs)
+            row["classes"] = num_classes(model, payload)
         if row.get("label_accuracy") is not None and len(y) > 1:
             row["label_baseline"] = even_count_baseline(model, payload, y)
     images = None if result.images is None else result.images.detach().cpu()
     return row, images
+
+
+def num_classes(model: nn.Module, payload: Mapping[str, Any]) -> int:
+    """The model's number of outputs (classes), from one forward pass in eval mode."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        classes = int(model(torch.zeros(1, *payload["input_shape"], device=device)).shape[-1])
+        model.train(was)
+    return classes
 
 
 def even_count_baseline(model: nn.Module, payload: Mapping[str, Any], labels: Tensor) -> float:
@@ -156,12 +168,7 @@ def even_count_baseline(model: nn.Module, payload: Mapping[str, Any], labels: Te
     """
     from ..metrics import label_accuracy
 
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        classes = int(model(torch.zeros(1, *payload["input_shape"], device=device)).shape[-1])
-        model.train(was)
+    classes = num_classes(model, payload)
     n = len(labels)
     counts = torch.full((classes,), n // classes, dtype=torch.long)
     counts[: n % classes] += 1
